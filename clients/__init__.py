@@ -1,0 +1,1 @@
+"""Clients: the terminal client and the load generator."""

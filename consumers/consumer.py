@@ -1,0 +1,294 @@
+"""The per-session consumer coroutine: runs a session's requests one at a time.
+
+Ordering rules (the reason this file is shaped as it is):
+
+* Messages come from ``queue.iterator()`` one at a time (``queue.consume`` with a
+  callback would start a task per message and lose the order). A prefetch above
+  one only pipelines deliveries; processing and acks stay strictly in order.
+* One broker message carries one or more consecutive requests of the session
+  (the submit path coalesces what arrived together). They run in seq order.
+* A request starts only after its ``accepted`` frame was queued for sending,
+  so a client never sees progress or a result before ``accepted``.
+* A result is written to the store before its frame is sent, and the message
+  is acked only after every request in it has its result stored. The store
+  write that finishes request N also marks N+1 started (one commit, not two).
+* Before each request the consumer checks that it still owns the session and
+  that its channel is alive; if not it stops without starting anything, and
+  whoever recovers the session re-publishes the unfinished requests from the
+  store. So a request is never run by two consumers at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from collections.abc import Mapping
+from concurrent.futures import Executor
+from typing import Any, Protocol
+
+from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractQueueIterator
+from loguru import logger
+
+from consumers.context import KV, Context
+from consumers.registry import OpError, Registry
+from protocol import ErrorCode, decode_json, encode_error, encode_progress, encode_result
+from server import metrics
+
+
+class Finisher(Protocol):
+    """The store calls the consumer needs (a slice of server.store.Store)."""
+
+    async def start_request(self, session_id: str, seq: int, epoch: int) -> int: ...
+
+    async def finish_request(
+        self,
+        session_id: str,
+        seq: int,
+        epoch: int | None,
+        final: str,
+        failed: bool,
+        now: float,
+        start_next: int | None = None,
+    ) -> tuple[bool, int | None]: ...
+
+
+class SessionPort(Protocol):
+    """What the consumer needs from its session (implemented by server.session)."""
+
+    session_id: str
+    username: str
+    epoch: int
+
+    def push(self, frame: bytes) -> None:
+        """Queue a frame for the client; never blocks (no-op when detached)."""
+
+    async def wait_accepted(self, seq: int) -> None:
+        """Return once ``accepted`` for seq has been queued for sending."""
+
+    def cancel_pending(self, seq: int) -> asyncio.Future[bytes] | None:
+        """If the client cancelled this queued request: a future of its stored
+        final frame (resolved once the cancel is stored)."""
+
+    def begin(self, seq: int) -> bool:
+        """Mark seq running. False if it already finished (skip it)."""
+
+    def finished(self, seq: int) -> None:
+        """seq has its final frame stored; it no longer counts as pending."""
+
+    def owned(self) -> bool:
+        """Whether this process still owns the session at the consumer's epoch."""
+
+
+def encode_batch(items: list[tuple[int, str, str, str]]) -> bytes:
+    """One broker message: ``[[seq, id, op, args-json], ...]`` with args kept as
+    raw JSON text so it is neither parsed nor re-encoded on the way."""
+    from protocol import encode_json
+
+    parts = [
+        b"[" + str(seq).encode() + b"," + encode_json(rid) + b"," + encode_json(op) + b","
+        + args.encode() + b"]"
+        for seq, rid, op, args in items
+    ]  # fmt: skip
+    return b"[" + b",".join(parts) + b"]"
+
+
+class SessionConsumer:
+    def __init__(
+        self,
+        port: SessionPort,
+        store: Finisher,
+        kv: KV,
+        registry: Registry,
+        *,
+        limits: Mapping[str, Any],
+        op_timeout: float,
+        max_attempts: int,
+        cpu_pool: Executor | None,
+    ) -> None:
+        self.port = port
+        self.store = store
+        self.kv = kv
+        self.registry = registry
+        self.limits = dict(limits)
+        self.op_timeout = op_timeout
+        self.max_attempts = max_attempts
+        self.cpu_pool = cpu_pool
+        self.running_seq: int | None = None
+        self._handler: asyncio.Task[Any] | None = None
+        self._cancel_seq: int | None = None
+        self._iterator: AbstractQueueIterator | None = None
+        self._stop = False
+        self._closer: asyncio.Task[None] | None = None
+        self._epoch = port.epoch
+
+    # -- control (called by the session) -------------------------------------------
+    def stop(self) -> None:
+        """Finish the running request, start nothing more, then return from run()."""
+        self._stop = True
+        if self.running_seq is None and self._iterator is not None and self._closer is None:
+            # Idle in `async for`: closing the iterator wakes it up.
+            self._closer = asyncio.create_task(self._iterator.close())
+
+    def cancel_running(self, seq: int) -> bool:
+        """Interrupt the running request if it is ``seq`` and its handler allows
+        it; returns whether a cancel was delivered."""
+        if self.running_seq != seq or self._handler is None:
+            return False
+        op = getattr(self._handler, "sessionq_op", None)
+        if op is not None and not op.cancellable:
+            return False
+        self._cancel_seq = seq
+        self._handler.cancel()
+        return True
+
+    # -- the loop ------------------------------------------------------------------
+    async def run(self, queue: AbstractQueue) -> None:
+        """Consume until stop() or until the channel dies."""
+        self._iterator = queue.iterator()
+        try:
+            async with self._iterator as iterator:
+                async for message in iterator:
+                    done = await self._process(message)
+                    if done and not self._stop:
+                        try:
+                            await message.ack()
+                        except Exception as exc:  # channel gone: recovery re-publishes
+                            logger.debug("ack failed: {}", exc)
+                            return
+                    if self._stop:
+                        return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Channel or connection closed under us. Whatever is unfinished is
+            # in the store; the session's recovery re-publishes it.
+            logger.bind(session=self.port.session_id).debug("consumer ended: {!r}", exc)
+
+    def _can_start(self) -> bool:
+        return not self._stop and self.port.owned() and self.port.epoch == self._epoch
+
+    async def _process(self, message: AbstractIncomingMessage) -> bool:
+        """Run every request carried by one message; True if all were handled."""
+        items: list[list[Any]] = decode_json(message.body)
+        attempt: int | None = None  # attempt of items[i], if already started
+        port = self.port
+        for index, (seq, rid, opname, args) in enumerate(items):
+            await port.wait_accepted(seq)
+            if not self._can_start():
+                return False
+            cancelled = port.cancel_pending(seq)
+            if cancelled is not None:
+                frame = await cancelled
+                port.finished(seq)
+                port.push(frame)
+                attempt = None
+                continue
+            if not port.begin(seq):
+                attempt = None
+                continue  # already finished (a duplicate after recovery)
+            self.running_seq = seq
+            try:
+                if attempt is None:
+                    attempt = await self.store.start_request(port.session_id, seq, self._epoch)
+                final, failed = await self._run(seq, rid, opname, args, attempt)
+                following = items[index + 1][0] if index + 1 < len(items) else None
+                if following is not None and port.cancel_pending(following) is not None:
+                    following = None
+                stored, attempt = await self.store.finish_request(
+                    port.session_id, seq, self._epoch, final.decode(), failed, time.time(),
+                    start_next=following,
+                )  # fmt: skip
+            finally:
+                self.running_seq = None
+            port.finished(seq)
+            if stored:
+                port.push(final)
+        return True
+
+    async def _run(
+        self, seq: int, rid: str, opname: str, args: dict[str, Any], attempt: int
+    ) -> tuple[bytes, bool]:
+        op = self.registry.get(opname)
+        if op is None:
+            return encode_error(ErrorCode.UNKNOWN_OP, f"unknown op {opname!r}", rid, seq), True
+        if attempt > self.max_attempts:
+            message = f"request was started {attempt - 1} times and its process died each time"
+            return encode_error(ErrorCode.CRASHED, message, rid, seq), True
+        loop = asyncio.get_running_loop()
+        port = self.port
+
+        def progress(data: Any) -> None:
+            try:
+                port.push(encode_progress(rid, seq, data))
+            except TypeError:
+                logger.warning("op {} sent progress that is not JSON", opname)
+
+        ctx = Context(
+            user=port.username, session=port.session_id, seq=seq, id=rid, attempt=attempt,
+            store=self.kv, limits=self.limits, _emit_progress=progress, _loop=loop,
+            _cpu=self.cpu_pool,
+        )  # fmt: skip
+        timeout = op.timeout if op.timeout is not None else self.op_timeout
+        if op.is_async:
+            coro = op.func(args, ctx)
+        else:
+            coro = loop.run_in_executor(None, functools.partial(op.func, args, ctx))
+        handler = asyncio.ensure_future(_with_timeout(coro, timeout))
+        handler.sessionq_op = op  # type: ignore[attr-defined]
+        self._handler = handler
+        started = time.perf_counter()
+        outcome = "result"
+        try:
+            value = await handler
+            return encode_result(rid, seq, value), False
+        except _Expired:
+            outcome = "timeout"
+            return encode_error(
+                ErrorCode.TIMEOUT, f"op took longer than {timeout:g}s", rid, seq
+            ), True
+        except asyncio.CancelledError:
+            task = asyncio.current_task()
+            if self._cancel_seq == seq and task is not None and not task.cancelling():
+                outcome = "cancelled"
+                return encode_error(ErrorCode.CANCELLED, "cancelled while running", rid, seq), True
+            raise
+        except OpError as exc:
+            outcome = exc.code
+            return encode_error(exc.code, exc.message, rid, seq), True
+        except TypeError as exc:
+            if "serializ" in str(exc):  # the result could not be encoded
+                outcome = "handler_error"
+                return encode_error(ErrorCode.HANDLER_ERROR, str(exc), rid, seq), True
+            outcome = "handler_error"
+            logger.opt(exception=exc).bind(session=port.session_id).warning("op {} failed", opname)
+            return encode_error(ErrorCode.HANDLER_ERROR, _describe(exc), rid, seq), True
+        except Exception as exc:
+            outcome = "handler_error"
+            logger.opt(exception=exc).bind(session=port.session_id).warning("op {} failed", opname)
+            return encode_error(ErrorCode.HANDLER_ERROR, _describe(exc), rid, seq), True
+        finally:
+            self._handler = None
+            self._cancel_seq = None
+            metrics.request_seconds.labels(opname).observe(time.perf_counter() - started)
+            metrics.requests_finished.labels(opname, outcome).inc()
+
+
+class _Expired(Exception):
+    """The handler ran past its time limit (distinct from a TimeoutError the
+    handler itself raised)."""
+
+
+async def _with_timeout(awaitable: Any, timeout: float) -> Any:
+    try:
+        async with asyncio.timeout(timeout) as cm:
+            return await awaitable
+    except TimeoutError:
+        if cm.expired():
+            raise _Expired() from None
+        raise
+
+
+def _describe(exc: BaseException) -> str:
+    text = str(exc)
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

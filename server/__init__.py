@@ -1,0 +1,1 @@
+"""sessionq server process."""

@@ -1,0 +1,352 @@
+"""The server process: wires settings, store, broker and sessions together.
+
+One :class:`Server` per process. It owns every long-lived task (lease renewal,
+retention purge, the broker supervisor, the websockets server) and shuts them
+down in a fixed order: stop listening and refusing submits, let running
+requests finish within the grace period, close sockets with 1001, then stop
+the broker and the store.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import http
+import mimetypes
+import os
+import secrets
+import socket
+import time
+from collections import Counter
+from concurrent.futures import Executor, ProcessPoolExecutor
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+from websockets.asyncio.server import Server as WSServer
+from websockets.asyncio.server import ServerConnection, serve
+from websockets.datastructures import Headers
+from websockets.http11 import Request, Response
+
+from consumers.builtin import register_builtins
+from consumers.registry import Registry
+from protocol import CloseCode, ErrorCode, decode_json, encode_error, encode_resumed
+from server import metrics
+from server.auth import Authenticator
+from server.broker import Broker, BrokerError
+from server.connection import Connection, SQConnection
+from server.session import Session
+from server.settings import Settings
+from server.store import Store, StoreError, open_store
+
+SECURITY_HEADERS = {
+    "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def sqlite_dir(store_url: str) -> Path | None:
+    if not store_url.startswith("sqlite:///"):
+        return None
+    return Path(store_url[len("sqlite:///") :]).parent
+
+
+class Server:
+    def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
+        self.settings = settings
+        self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
+        self.registry = registry if registry is not None else Registry()
+        self.store: Store = open_store(settings.store_url)
+        self.broker = Broker(
+            settings.broker_url,
+            channels=settings.amqp_channels,
+            prefetch=settings.prefetch,
+            publish_timeout=settings.publish_timeout,
+        )
+        self.auth: Authenticator
+        self.sessions: dict[str, Session] = {}
+        self.user_connections: Counter[str] = Counter()
+        self.cpu_pool: Executor | None = None
+        self.stopping = False
+        self.ws_server: WSServer | None = None
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._static = resources.files("server") / "static"
+        self.port = settings.port
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self, sock: socket.socket | None = None) -> None:
+        settings = self.settings
+        await self.store.open()
+        settings = settings.secret_for(sqlite_dir(settings.store_url))
+        self.settings = settings
+        self.auth = Authenticator(
+            self.store, settings.jwt_secret, settings.token_ttl,
+            login_failures=settings.login_failures, login_window=settings.login_window,
+            bcrypt_rounds=settings.bcrypt_rounds,
+        )  # fmt: skip
+        if self.registry.get("echo") is None:
+            register_builtins(self.registry)
+        self.registry.load(settings.ops)
+        self.cpu_pool = ProcessPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1))
+        self.broker.on_recover(self._recover_sessions)
+        try:
+            await self.broker.start(wait=10)
+        except BrokerError as exc:
+            logger.warning("{}; serving anyway, /readyz says 503 until it answers", exc)
+        kwargs: dict[str, Any] = dict(
+            process_request=self._process_request,
+            create_connection=SQConnection,
+            max_size=settings.max_message_bytes,
+            compression="deflate" if settings.compression else None,
+            ping_interval=20,
+            ping_timeout=20,
+            close_timeout=5,
+            server_header="sessionq",
+        )
+        if sock is not None:
+            self.ws_server = await serve(self._handle, sock=sock, **kwargs)
+        else:
+            self.ws_server = await serve(
+                self._handle, settings.host, settings.port,
+                reuse_port=settings.workers > 1, **kwargs,
+            )  # fmt: skip
+        self.port = self.ws_server.sockets[0].getsockname()[1]
+        self._tasks.append(asyncio.create_task(self._renew_leases(), name="leases"))
+        self._tasks.append(asyncio.create_task(self._purge(), name="purge"))
+        logger.info("sessionq serving on {}:{} as {}", settings.host, self.port, self.owner)
+
+    async def stop(self) -> None:
+        """SIGTERM: stop accepting, let running requests finish within the grace
+        period, keep the rest stored, close sockets with 1001."""
+        if self.stopping:
+            return
+        self.stopping = True
+        logger.info("shutting down: {} sessions", len(self.sessions))
+        if self.ws_server is not None:
+            self.ws_server.server.close()  # stop listening; open sockets stay
+        grace = self.settings.shutdown_grace
+        await asyncio.gather(*(s.stop(grace) for s in list(self.sessions.values())))
+        if self.ws_server is not None:
+            self.ws_server.close(close_connections=True)  # 1001 going away
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ws_server.wait_closed(), 5)
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.broker.stop()
+        await self.store.close()
+        if self.cpu_pool is not None:
+            self.cpu_pool.shutdown(wait=False, cancel_futures=True)
+        logger.info("stopped")
+
+    async def _renew_leases(self) -> None:
+        lease = self.settings.lease_seconds
+        while True:
+            await asyncio.sleep(lease / 3)
+            try:
+                await self.store.renew_leases(self.owner, time.time() + lease)
+            except StoreError as exc:
+                logger.warning("lease renewal failed: {}", exc)
+
+    async def _purge(self) -> None:
+        while True:
+            try:
+                removed = await self.store.purge(time.time() - self.settings.result_ttl)
+                if removed:
+                    logger.info("purged {} finished requests past retention", removed)
+            except StoreError as exc:
+                logger.warning("purge failed: {}", exc)
+            await asyncio.sleep(min(3600.0, max(1.0, self.settings.result_ttl / 10)))
+
+    async def _recover_sessions(self) -> None:
+        await asyncio.gather(
+            *(s.recover() for s in list(self.sessions.values()) if s.state != "closed"),
+            return_exceptions=True,
+        )
+
+    # -- HTTP routes -------------------------------------------------------------
+    async def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path == "/ws":
+            if not self._origin_ok(request):
+                return self._response(http.HTTPStatus.FORBIDDEN, b"origin not allowed\n")
+            if self.stopping:
+                return self._response(http.HTTPStatus.SERVICE_UNAVAILABLE, b"shutting down\n")
+            return None
+        if path == "/healthz":
+            return self._response(http.HTTPStatus.OK, b"ok\n")
+        if path == "/readyz":
+            return await self._ready()
+        if path == "/metrics":
+            body, content_type = metrics.render()
+            return self._response(http.HTTPStatus.OK, body, content_type)
+        if path == "/" or path.startswith("/static/"):
+            return self._static_file("index.html" if path == "/" else path[len("/static/") :])
+        return self._response(http.HTTPStatus.NOT_FOUND, b"not found\n")
+
+    def _origin_ok(self, request: Request) -> bool:
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return True
+        host = request.headers.get("Host", "")
+        if origin in (f"http://{host}", f"https://{host}"):
+            return True
+        return origin in self.settings.allowed_origins
+
+    async def _ready(self) -> Response:
+        problems = []
+        try:
+            await asyncio.wait_for(self.store.ping(), 2)
+        except (StoreError, TimeoutError) as exc:
+            problems.append(f"store: {exc or 'timeout'}")
+        try:
+            await self.broker.ping()
+        except BrokerError as exc:
+            problems.append(f"broker: {exc}")
+        if self.stopping:
+            problems.append("shutting down")
+        if problems:
+            text = "\n".join(problems) + "\n"
+            return self._response(http.HTTPStatus.SERVICE_UNAVAILABLE, text.encode())
+        return self._response(http.HTTPStatus.OK, b"ready\n")
+
+    def _static_file(self, name: str) -> Response:
+        if "/" in name or name.startswith("."):
+            return self._response(http.HTTPStatus.NOT_FOUND, b"not found\n")
+        item = self._static / name
+        if not item.is_file():
+            return self._response(http.HTTPStatus.NOT_FOUND, b"not found\n")
+        content_type = mimetypes.guess_type(name)[0] or "application/octet-stream"
+        if content_type.startswith("text/") or content_type.endswith("javascript"):
+            content_type += "; charset=utf-8"
+        response = self._response(http.HTTPStatus.OK, item.read_bytes(), content_type)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    @staticmethod
+    def _response(
+        status: http.HTTPStatus, body: bytes, content_type: str = "text/plain; charset=utf-8"
+    ) -> Response:
+        headers = Headers(
+            [("Content-Type", content_type), ("Content-Length", str(len(body))),
+             ("Connection", "close"), ("Cache-Control", "no-store")]
+        )  # fmt: skip
+        return Response(status.value, status.phrase, headers, body)
+
+    # -- connections and sessions ----------------------------------------------
+    async def _handle(self, ws: ServerConnection) -> None:
+        assert isinstance(ws, SQConnection)
+        await Connection(self, ws).run()
+
+    def take_user_slot(self, username: str) -> bool:
+        key = username.lower()
+        if self.user_connections[key] >= self.settings.max_connections_per_user:
+            return False
+        self.user_connections[key] += 1
+        return True
+
+    def free_user_slot(self, username: str) -> None:
+        key = username.lower()
+        self.user_connections[key] -= 1
+        if self.user_connections[key] <= 0:
+            del self.user_connections[key]
+
+    def _make_session(self, session_id: str, username: str, epoch: int, last_seq: int) -> Session:
+        session = Session(
+            session_id, username, epoch,
+            settings=self.settings, store=self.store, broker=self.broker,
+            registry=self.registry, cpu_pool=self.cpu_pool, owner=self.owner,
+            last_seq=last_seq, on_closed=self._session_closed,
+        )  # fmt: skip
+        self.sessions[session_id] = session
+        metrics.sessions_live.labels("live").set(len(self.sessions))
+        return session
+
+    def _session_closed(self, session: Session) -> None:
+        if self.sessions.get(session.session_id) is session:
+            del self.sessions[session.session_id]
+            metrics.sessions_live.labels("live").set(len(self.sessions))
+
+    async def new_session(self, username: str) -> Session:
+        session_id = secrets.token_urlsafe(16)
+        record = await self.store.create_session(
+            session_id, username, self.owner, time.time() + self.settings.lease_seconds
+        )
+        session = self._make_session(session_id, username, record.epoch, 0)
+        await session.start()
+        return session
+
+    async def take_session(self, session_id: str, username: str, conn: Connection) -> Session:
+        """Make ``conn`` carry ``session_id``: the local session if this process
+        owns it, otherwise claim it from the store and recover it here."""
+        local = self.sessions.get(session_id)
+        if local is not None and local.state != "closed":
+            if local.username.lower() != username.lower():
+                raise LookupError("not found")
+            if local.close_connection is not None and local.outbox is not conn.outbox:
+                local.close_connection(CloseCode.TAKEN_OVER, "session resumed elsewhere")
+            return local
+        record = await self.store.get_session(session_id)
+        if record is None or record.username.lower() != username.lower():
+            raise LookupError("not found")
+        epoch = await self._claim(session_id)
+        record = await self.store.get_session(session_id)
+        assert record is not None
+        session = self._make_session(session_id, record.username, epoch, record.last_seq)
+        rows = await self.store.unfinished(session_id)
+        await session.start([(r.seq, r.client_id, r.op, r.args) for r in rows])
+        return session
+
+    async def _claim(self, session_id: str) -> int:
+        """Claim ownership; if another process holds a live lease, wait for it
+        to release or lapse (bounded by one lease period)."""
+        lease = self.settings.lease_seconds
+        deadline = time.monotonic() + lease + 1
+        delay = 0.05
+        while True:
+            now = time.time()
+            epoch = await self.store.claim_session(session_id, self.owner, now + lease, now)
+            if epoch is not None:
+                return epoch
+            if time.monotonic() > deadline:
+                raise LookupError("busy: another server still owns it")
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+    async def replay(self, session: Session, conn: Connection, after: int) -> None:
+        """Answer ``resume``: ``resumed``, then every stored final with seq >
+        ``after`` in order, then live frames (without duplicating a final)."""
+        sid = session.session_id
+        finals = await self.store.finals_after(sid, after)
+        have = {seq for seq, _ in finals} | set(session.unfinished)
+        if any(seq not in have for seq in range(after + 1, session.last_seq + 1)):
+            conn.outbox.push(encode_error(
+                ErrorCode.EXPIRED, f"results of session {sid!r} have passed their retention"
+            ))  # fmt: skip
+            return
+        outbox = conn.outbox
+        outbox.hold()
+        previous = conn.session
+        if previous is not None and previous is not session:
+            previous.detach(outbox)
+        conn.session = session
+        session.attach(outbox, conn.close)
+        try:
+            # Read again now that live frames are held: every final stored from
+            # here on reaches the held outbox, everything before is in `finals`.
+            finals = await self.store.finals_after(sid, after)
+        except StoreError:
+            outbox.release([], lambda _frame: True)
+            raise
+        replayed = finals[-1][0] if finals else after
+        front = [encode_resumed(sid, session.last_seq, len(session.unfinished))]
+        front.extend(frame.encode() for _, frame in finals)
+
+        def keep(frame: bytes) -> bool:
+            data = decode_json(frame)
+            seq = data.get("seq")
+            return not (isinstance(seq, int) and seq <= replayed and data.get("type") != "accepted")
+
+        outbox.release(front, keep)

@@ -1,0 +1,224 @@
+"""RabbitMQ wiring: one AMQP connection per process, a small pool of channels.
+
+Why this shape:
+
+* RabbitMQ allows 2047 channels per connection, and every channel costs memory
+  on both sides, so sessions do not get a channel each. A session's queue and
+  consumer live on one of ``amqp_channels`` pooled channels (round robin); a
+  channel carries many consumers, each with its own prefetch (``basic.qos``
+  with ``global=False`` is per consumer). 10,000 sessions on 16 channels is
+  ~625 consumers per channel.
+* Every channel has publisher confirms on. A session publishes on its own
+  channel, so its messages keep their order; different sessions' publishes on
+  one channel pipeline their confirms.
+* We do not use aio-pika's robust connection: after a broker restart its
+  consumer restore has open bugs, and exclusive queues are gone anyway. The
+  supervisor here reconnects with capped backoff (never more than 5 s between
+  tries) and bumps :attr:`Broker.generation`; sessions watch that and recover
+  themselves from the store (fresh queue name, re-publish unfinished requests).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import random
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from loguru import logger
+
+from server import metrics
+
+
+class BrokerError(Exception):
+    """The broker cannot take the message now (down, timed out, queue gone)."""
+
+
+class QueueFull(BrokerError):
+    """The broker refused the publish: the queue is at x-max-length."""
+
+
+RecoverCallback = Callable[[], Awaitable[None]]
+
+
+class Broker:
+    def __init__(
+        self,
+        url: str,
+        *,
+        channels: int = 16,
+        prefetch: int = 4,
+        publish_timeout: float = 5.0,
+    ) -> None:
+        self.url = url
+        self.n_channels = channels
+        self.prefetch = prefetch
+        self.publish_timeout = publish_timeout
+        self.generation = 0
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._channels: list[AbstractChannel] = []
+        self._rr = itertools.count()
+        self._up = asyncio.Event()
+        self._closing = False
+        self._supervisor: asyncio.Task[None] | None = None
+        self._lost = asyncio.Event()
+        self._on_recover: list[RecoverCallback] = []
+
+    # -- lifecycle -----------------------------------------------------------
+    @property
+    def connected(self) -> bool:
+        return self._up.is_set()
+
+    def on_recover(self, callback: RecoverCallback) -> None:
+        """Called (awaited) after every reconnect, once the pool is ready."""
+        self._on_recover.append(callback)
+
+    async def start(self, wait: float | None = 30.0) -> None:
+        """Start the supervisor and wait until the first connection is up
+        (raise BrokerError after ``wait`` seconds)."""
+        self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
+        if wait is not None:
+            try:
+                await asyncio.wait_for(self._up.wait(), wait)
+            except TimeoutError:
+                raise BrokerError(f"no broker answered at {self.safe_url} in {wait:g}s") from None
+
+    async def stop(self) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            await asyncio.gather(self._supervisor, return_exceptions=True)
+        await self._close_connection()
+
+    @property
+    def safe_url(self) -> str:
+        """The URL without its password, for logs and errors."""
+        head, sep, tail = self.url.rpartition("@")
+        if not sep:
+            return self.url
+        scheme, _, cred = head.partition("://")
+        return f"{scheme}://{cred.split(':')[0]}:***@{tail}"
+
+    async def wait_up(self) -> None:
+        await self._up.wait()
+
+    async def _supervise(self) -> None:
+        delay = 0.2
+        first = True
+        while not self._closing:
+            try:
+                await self._connect()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                logger.warning("broker connect failed: {}; retry in {:.1f}s", exc, delay)
+                await asyncio.sleep(delay * (0.75 + random.random() / 2))
+                delay = min(delay * 2, 5.0)
+                continue
+            delay = 0.2
+            self.generation += 1
+            self._lost.clear()
+            self._up.set()
+            metrics.broker_up.set(1)
+            if not first:
+                metrics.broker_reconnects.inc()
+                logger.info("broker reconnected (generation {})", self.generation)
+                for callback in list(self._on_recover):
+                    try:
+                        await callback()
+                    except Exception:
+                        logger.exception("session recovery after reconnect failed")
+            first = False
+            await self._lost.wait()
+            self._up.clear()
+            metrics.broker_up.set(0)
+            logger.warning("broker connection lost; reconnecting")
+            await self._close_connection()
+
+    async def _connect(self) -> None:
+        connection = await aio_pika.connect(self.url, timeout=5)
+        try:
+            channels = []
+            for _ in range(self.n_channels):
+                channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+                await channel.set_qos(prefetch_count=self.prefetch)
+                channel.close_callbacks.add(self._channel_closed)
+                channels.append(channel)
+        except BaseException:
+            await connection.close()
+            raise
+        connection.close_callbacks.add(self._connection_closed)
+        self._connection = connection
+        self._channels = channels
+        logger.info("broker connected: {} ({} channels)", self.safe_url, len(channels))
+
+    def _connection_closed(self, _sender: Any, exc: BaseException | None = None) -> None:
+        if not self._closing:
+            self._lost.set()
+
+    def _channel_closed(self, _sender: Any, exc: BaseException | None = None) -> None:
+        # A channel the broker closed (consumer_timeout, precondition) takes its
+        # sessions' consumers with it. Treat it as a lost connection: every
+        # session recovers on fresh channels, from the store.
+        if not self._closing and self._up.is_set():
+            logger.warning("broker closed a channel: {}", exc)
+            self._lost.set()
+
+    async def _close_connection(self) -> None:
+        connection, self._connection, self._channels = self._connection, None, []
+        if connection is not None and not connection.is_closed:
+            try:
+                await asyncio.wait_for(connection.close(), 5)
+            except Exception:  # already dead: nothing to clean up on the wire
+                pass
+
+    # -- per-session queues ----------------------------------------------------
+    def pick_channel(self) -> AbstractChannel:
+        if not self._up.is_set() or not self._channels:
+            raise BrokerError("broker is unreachable")
+        return self._channels[next(self._rr) % len(self._channels)]
+
+    async def declare_session_queue(
+        self, channel: AbstractChannel, name: str, max_length: int
+    ) -> AbstractQueue:
+        """Declare an exclusive, auto-delete queue that refuses publishes past
+        ``max_length`` ready messages (instead of dropping the oldest)."""
+        try:
+            return await channel.declare_queue(
+                name,
+                exclusive=True,
+                auto_delete=True,
+                arguments={"x-max-length": max_length, "x-overflow": "reject-publish"},
+                timeout=self.publish_timeout,
+            )
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
+            raise BrokerError(f"queue declare failed: {exc}") from exc
+
+    async def publish(self, channel: AbstractChannel, queue: str, body: bytes) -> None:
+        """Publish one message and wait for its confirm (bounded).
+
+        Raises QueueFull on a broker nack (x-overflow reject-publish), BrokerError
+        when the broker is unreachable, the confirm does not come in time, or the
+        queue no longer exists (message returned as unroutable).
+        """
+        if not self._up.is_set() or channel.is_closed:
+            raise BrokerError("broker is unreachable")
+        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
+        try:
+            await channel.default_exchange.publish(
+                message, routing_key=queue, timeout=self.publish_timeout
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise BrokerError(f"queue {queue} is gone") from exc
+        except aiormq.exceptions.DeliveryError as exc:
+            raise QueueFull(f"queue {queue} is full") from exc
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError) as exc:
+            raise BrokerError(f"publish failed: {exc!r}") from exc
+
+    async def ping(self) -> None:
+        if not self._up.is_set() or self._connection is None or self._connection.is_closed:
+            raise BrokerError("broker is unreachable")

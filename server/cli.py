@@ -1,0 +1,225 @@
+"""``sessionq``: the one console script.
+
+    sessionq serve [--host H] [--port P] [--workers N] ...   run the server
+    sessionq user add NAME [--password-stdin]                 create a user
+    sessionq dead-letters [--limit N]                         list failed requests
+    sessionq client ...                                        terminal client
+    sessionq bench ...                                         load generator
+
+Every ``serve`` flag is also a ``SESSIONQ_*`` environment variable; flags win.
+Exit codes: 0 ok, 1 runtime failure, 2 bad usage or settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import multiprocessing
+import os
+import signal
+import socket
+import sys
+from dataclasses import fields
+from typing import Any
+
+from loguru import logger
+
+from server.settings import Settings, SettingsError, env_name
+
+SERVE_FLAGS = [f.name for f in fields(Settings) if f.name != "extra"]
+
+
+def _add_serve_flags(parser: argparse.ArgumentParser) -> None:
+    for name in SERVE_FLAGS:
+        parser.add_argument(
+            "--" + name.replace("_", "-"),
+            dest=name,
+            default=None,
+            metavar=name.upper(),
+            help=f"(env {env_name(name)})",
+        )
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sessionq", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the server")
+    _add_serve_flags(serve)
+
+    user = sub.add_parser("user", help="manage users")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    add = user_sub.add_parser("add", help="create a user (password from a prompt or stdin)")
+    add.add_argument("name")
+    add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    add.add_argument("--store-url", default=None, help="(env SESSIONQ_STORE_URL)")
+
+    dead = sub.add_parser("dead-letters", help="list requests that ended with an error")
+    dead.add_argument("--limit", type=int, default=50)
+    dead.add_argument("--store-url", default=None, help="(env SESSIONQ_STORE_URL)")
+
+    try:
+        from clients import cli as client_cli
+
+        client_cli.add_parser(sub)
+    except ImportError:  # pragma: no cover - clients not installed
+        pass
+    try:
+        from clients import bench
+
+        bench.add_parser(sub)
+    except ImportError:  # pragma: no cover
+        pass
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return serve(args)
+        if args.command == "user":
+            return asyncio.run(user_add(args))
+        if args.command == "dead-letters":
+            return asyncio.run(dead_letters(args))
+        handler = getattr(args, "handler", None)
+        if handler is not None:
+            return int(handler(args))
+    except SettingsError as exc:
+        print(f"sessionq: {exc}", file=sys.stderr)
+        return 2
+    parser.print_help()
+    return 2
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {name: getattr(args, name, None) for name in SERVE_FLAGS}
+    return Settings.from_env(**overrides)
+
+
+def serve(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    from server import logs
+
+    logs.configure(settings.log_format, settings.log_level)
+    if settings.workers == 1:
+        return _run_worker(settings)
+    # N processes on one port: each binds its own SO_REUSEPORT listener and the
+    # kernel spreads connections over them.
+    sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((settings.host, settings.port))  # resolves port 0 once for all workers
+    port = sock.getsockname()[1]
+    settings = settings.replace(port=port)
+    ctx = multiprocessing.get_context("spawn")
+    procs = [ctx.Process(target=_worker_main, args=(settings,)) for _ in range(settings.workers)]
+    for proc in procs:
+        proc.start()
+    sock.close()
+
+    def forward(signum: int, _frame: Any) -> None:
+        for proc in procs:
+            if proc.pid is not None:
+                os.kill(proc.pid, signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, forward)
+    codes = []
+    for proc in procs:
+        proc.join()
+        codes.append(proc.exitcode or 0)
+    return max(codes)
+
+
+def _worker_main(settings: Settings) -> None:
+    from server import logs
+
+    logs.configure(settings.log_format, settings.log_level)
+    raise SystemExit(_run_worker(settings))
+
+
+def _run_worker(settings: Settings) -> int:
+    try:
+        import uvloop
+
+        uvloop.install()
+    except ImportError:
+        pass
+    return asyncio.run(_serve(settings))
+
+
+async def _serve(settings: Settings) -> int:
+    from server.app import Server
+
+    server = Server(settings)
+    try:
+        await server.start()
+    except OSError as exc:
+        logger.error("cannot start: {}", exc)
+        return 1
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    print(f"sessionq listening on ws://{settings.host}:{server.port}/ws", flush=True)
+    await stop.wait()
+    await server.stop()
+    return 0
+
+
+async def user_add(args: argparse.Namespace) -> int:
+    from protocol import valid_username, weak_password
+    from server.auth import hash_password_sync
+    from server.store import UserExists, open_store
+
+    settings = Settings.from_env(store_url=args.store_url)
+    if not valid_username(args.name):
+        print("sessionq: username must be 1..64 characters of A-Z a-z 0-9 _ . -", file=sys.stderr)
+        return 2
+    if args.password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("sessionq: passwords differ", file=sys.stderr)
+            return 2
+    if weak_password(args.name, password):
+        print("sessionq: password must be at least 8 characters and differ from the username",
+              file=sys.stderr)  # fmt: skip
+        return 2
+    store = open_store(settings.store_url)
+    await store.open()
+    try:
+        await store.create_user(args.name, await asyncio.to_thread(hash_password_sync, password))
+    except UserExists:
+        print(f"sessionq: user {args.name!r} exists", file=sys.stderr)
+        return 1
+    finally:
+        await store.close()
+    print(f"created user {args.name}")
+    return 0
+
+
+async def dead_letters(args: argparse.Namespace) -> int:
+    from protocol import decode_json
+    from server.store import open_store
+
+    settings = Settings.from_env(store_url=args.store_url)
+    store = open_store(settings.store_url)
+    await store.open()
+    try:
+        rows = await store.failed_requests(args.limit)
+    finally:
+        await store.close()
+    for row in rows:
+        final = decode_json(row.final) if row.final else {}
+        print(f"{row.session_id} seq={row.seq} id={row.client_id} op={row.op} "
+              f"attempts={row.attempts} code={final.get('code')} message={final.get('message')!r}")  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

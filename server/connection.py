@@ -1,0 +1,324 @@
+"""One WebSocket connection: authenticate, then pump frames into its session.
+
+The handler parses and dispatches; the session object holds the state and the
+rules. Every exit path goes through one ``finally`` that hands the session
+over to draining, stops the writer and frees the user's connection slot.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+from websockets.asyncio.server import ServerConnection
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import Opcode
+
+from protocol import (
+    Auth,
+    Cancel,
+    ClientFrame,
+    CloseCode,
+    ErrorCode,
+    Login,
+    ProtocolError,
+    Register,
+    Resume,
+    Status,
+    Submit,
+    encode_error,
+    encode_welcome,
+    error_from,
+    parse,
+)
+from server import metrics
+from server.auth import AuthError, Identity
+from server.outbox import Outbox
+from server.store import StoreError
+
+if TYPE_CHECKING:
+    from server.app import Server
+    from server.session import Session
+
+
+class SQConnection(ServerConnection):
+    """A ServerConnection that remembers whether each message was text or
+    binary, so that invalid UTF-8 and binary frames can be answered with
+    ``bad_request`` (PROTOCOL.md) instead of websockets closing with 1007."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.message_opcodes: deque[Opcode] = deque()
+
+    def connection_made(self, transport: Any) -> None:
+        super().connection_made(transport)  # creates recv_messages
+        frames = self.recv_messages.frames
+        put = frames.put
+        opcodes = self.message_opcodes
+
+        def put_and_note(frame: Any) -> None:
+            if frame.opcode is Opcode.TEXT or frame.opcode is Opcode.BINARY:
+                opcodes.append(frame.opcode)
+            put(frame)
+
+        frames.put = put_and_note  # type: ignore[method-assign]
+
+    async def receive_frame(self) -> ClientFrame:
+        """Receive one message and parse it; raise ProtocolError for bad input
+        (the connection stays open) and ConnectionClosed when it is gone."""
+        data = await self.recv(decode=False)
+        opcode = self.message_opcodes.popleft() if self.message_opcodes else Opcode.TEXT
+        if opcode is Opcode.BINARY:
+            raise ProtocolError(
+                ErrorCode.BAD_REQUEST, "binary frames are not accepted; send JSON text"
+            )
+        try:
+            text = bytes(data).decode()
+        except UnicodeDecodeError:
+            raise ProtocolError(ErrorCode.BAD_REQUEST, "frame is not valid UTF-8 text") from None
+        return parse(text)
+
+
+def handshake_token(ws: ServerConnection) -> str | None:
+    request = ws.request
+    if request is None:
+        return None
+    header = request.headers.get("Authorization")
+    if header:
+        scheme, _, value = header.partition(" ")
+        if scheme.lower() == "bearer" and value.strip():
+            return value.strip()
+    _, _, query = request.path.partition("?")
+    if query:
+        from urllib.parse import parse_qs
+
+        tokens = parse_qs(query).get("token")
+        if tokens:
+            return tokens[0]
+    return None
+
+
+class Connection:
+    def __init__(self, server: Server, ws: SQConnection) -> None:
+        self.server = server
+        self.ws = ws
+        self.settings = server.settings
+        self.session: Session | None = None
+        self.identity: Identity | None = None
+        self.address = str(ws.remote_address[0]) if ws.remote_address else "?"
+        self.outbox = Outbox(
+            ws,
+            limit_bytes=max(4 * self.settings.max_message_bytes, 8 << 20),
+            slow_timeout=self.settings.slow_client_timeout,
+            on_slow=lambda: self.close(CloseCode.SLOW_CONSUMER, "client is not reading"),
+        )
+        self._closing: asyncio.Task[None] | None = None
+        self._expiry: asyncio.TimerHandle | None = None
+        self.log = logger.bind(peer=self.address)
+
+    def close(self, code: int, reason: str) -> None:
+        """Close from synchronous code (timers, the outbox, a takeover)."""
+        if self._closing is None:
+            metrics.closes.labels(str(code)).inc()
+            self._closing = asyncio.create_task(self.ws.close(code, reason))
+
+    async def run(self) -> None:
+        metrics.connections.inc()
+        writer = asyncio.create_task(self.outbox.run(), name="outbox")
+        slot = False
+        try:
+            identity = await self._authenticate()
+            if identity is None:
+                return
+            if not self.server.take_user_slot(identity.username):
+                await self.ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
+                return
+            slot = True
+            self.identity = identity
+            self.log = self.log.bind(user=identity.username)
+            session = await self.server.new_session(identity.username)
+            self._attach(session)
+            self.outbox.push(self._welcome(identity, session.session_id))
+            self._schedule_expiry(identity)
+            await self._serve()
+        except ConnectionClosed:
+            pass
+        except Exception:
+            self.log.exception("connection failed")
+            await self.ws.close(CloseCode.INTERNAL, "internal error")
+        finally:
+            if self._expiry is not None:
+                self._expiry.cancel()
+            if self.session is not None:
+                self.session.detach(self.outbox)
+            if slot and self.identity is not None:
+                self.server.free_user_slot(self.identity.username)
+            if not self.outbox.closed:
+                # Let queued frames (e.g. the last error) go out before closing.
+                self.outbox.closed = True
+            writer.cancel()
+            await asyncio.gather(writer, return_exceptions=True)
+            if self._closing is not None:
+                await asyncio.gather(self._closing, return_exceptions=True)
+            metrics.connections.dec()
+
+    # -- authentication ---------------------------------------------------------
+    def _welcome(self, identity: Identity, session_id: str) -> bytes:
+        return encode_welcome(
+            session_id, identity.username, identity.token, identity.expires_at,
+            self.settings.max_pending, self.settings.max_message_bytes,
+        )  # fmt: skip
+
+    async def _authenticate(self) -> Identity | None:
+        auth = self.server.auth
+        failures = 0
+        token = handshake_token(self.ws)
+        deadline = asyncio.get_running_loop().time() + self.settings.auth_timeout
+        try:
+            async with asyncio.timeout_at(deadline):
+                if token is not None:
+                    try:
+                        identity = await auth.authenticate_token(token)
+                        metrics.auth_total.labels("handshake", "ok").inc()
+                        return identity
+                    except AuthError as exc:
+                        metrics.auth_total.labels("handshake", exc.code.value).inc()
+                        failures += 1
+                        self._auth_error(exc)
+                while True:
+                    try:
+                        frame = await self.ws.receive_frame()
+                    except ProtocolError as exc:
+                        metrics.bad_frames.inc()
+                        self.outbox.push(error_from(exc))
+                        continue
+                    try:
+                        if isinstance(frame, Auth):
+                            identity = await auth.authenticate_token(frame.token)
+                        elif isinstance(frame, Login):
+                            identity = await auth.login(
+                                frame.username, frame.password, self.address
+                            )
+                        elif isinstance(frame, Register):
+                            if not self.settings.open_registration:
+                                raise AuthError(ErrorCode.UNAUTHORIZED, "registration is closed")
+                            identity = await auth.register(frame.username, frame.password)
+                        else:
+                            self.outbox.push(_unauthorized(frame))
+                            continue
+                    except AuthError as exc:
+                        metrics.auth_total.labels(
+                            type(frame).__name__.lower(), exc.code.value
+                        ).inc()
+                        failures += 1
+                        self._auth_error(exc)
+                        if failures >= self.settings.auth_tries:
+                            await self.ws.close(CloseCode.UNAUTHORIZED, "authentication failed")
+                            return None
+                        continue
+                    except StoreError as exc:
+                        self.log.warning("auth store error: {}", exc)
+                        self.outbox.push(
+                            encode_error(ErrorCode.UNAVAILABLE, "the user store is unavailable")
+                        )
+                        continue
+                    metrics.auth_total.labels(type(frame).__name__.lower(), "ok").inc()
+                    return identity
+        except TimeoutError:
+            await self.ws.close(CloseCode.AUTH_TIMEOUT, "authentication timed out")
+            return None
+
+    def _auth_error(self, exc: AuthError) -> None:
+        extra: dict[str, Any] = {}
+        if exc.retry_after is not None:
+            extra["retry_after"] = exc.retry_after
+        self.outbox.push(encode_error(exc.code, exc.message, **extra))
+
+    def _schedule_expiry(self, identity: Identity) -> None:
+        if self._expiry is not None:
+            self._expiry.cancel()
+        delay = max(0.0, identity.expires_at - time.time())
+        self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+
+    def _expired(self) -> None:
+        self.outbox.push(
+            encode_error(ErrorCode.TOKEN_EXPIRED, "token has expired; send a fresh auth")
+        )
+        self.close(CloseCode.UNAUTHORIZED, "token expired")
+
+    # -- the session loop ----------------------------------------------------------
+    def _attach(self, session: Session) -> None:
+        self.session = session
+        session.attach(self.outbox, self.close)
+
+    async def _serve(self) -> None:
+        ws = self.ws
+        frames_in = metrics.frames_in
+        while True:
+            try:
+                frame = await ws.receive_frame()
+            except ProtocolError as exc:
+                metrics.bad_frames.inc()
+                self.outbox.push(error_from(exc))
+                continue
+            session = self.session
+            assert session is not None
+            if isinstance(frame, Submit):
+                frames_in.labels("submit").inc()
+                if self.server.stopping:
+                    self.outbox.push(encode_error(
+                        ErrorCode.UNAVAILABLE, "the server is shutting down; resume later", frame.id
+                    ))  # fmt: skip
+                    continue
+                session.submit(frame)
+            elif isinstance(frame, Cancel):
+                frames_in.labels("cancel").inc()
+                await session.cancel(frame.id)
+            elif isinstance(frame, Status):
+                frames_in.labels("status").inc()
+                self.outbox.push(await session.status(frame.id))
+            elif isinstance(frame, Resume):
+                frames_in.labels("resume").inc()
+                await self._resume(frame)
+            elif isinstance(frame, Auth):
+                frames_in.labels("auth").inc()
+                await self._refresh(frame)
+            else:  # login / register on an authenticated connection
+                self.outbox.push(encode_error(
+                    ErrorCode.BAD_REQUEST, "already authenticated; send auth to refresh the token"
+                ))  # fmt: skip
+
+    async def _refresh(self, frame: Auth) -> None:
+        assert self.identity is not None and self.session is not None
+        try:
+            identity = await self.server.auth.authenticate_token(frame.token)
+        except AuthError as exc:
+            self._auth_error(exc)
+            return
+        if identity.username != self.identity.username:
+            self.outbox.push(encode_error(ErrorCode.INVALID_TOKEN, "token is for another user"))
+            return
+        self.identity = identity
+        self._schedule_expiry(identity)
+        self.outbox.push(self._welcome(identity, self.session.session_id))
+
+    async def _resume(self, frame: Resume) -> None:
+        assert self.identity is not None and self.session is not None
+        if frame.session == self.session.session_id:
+            target = self.session
+        else:
+            try:
+                target = await self.server.take_session(frame.session, self.identity.username, self)
+            except LookupError as exc:
+                code = ErrorCode.EXPIRED if str(exc) == "expired" else ErrorCode.NOT_FOUND
+                self.outbox.push(encode_error(code, f"session {frame.session!r}: {exc}"))
+                return
+        await self.server.replay(target, self, frame.after)
+
+
+def _unauthorized(frame: ClientFrame) -> bytes:
+    rid = getattr(frame, "id", None)
+    return encode_error(ErrorCode.UNAUTHORIZED, "authenticate first (auth, login or register)", rid)

@@ -1,0 +1,458 @@
+"""A session: its seq counter, its unfinished requests, its queue and consumer.
+
+States: ``open`` (a connection is attached) -> ``draining`` (no connection;
+the consumer finishes what was accepted, storing results) -> ``closed``
+(consumer stopped, queue gone, ownership released). A ``resume`` can bring a
+draining session back to ``open`` on a new connection.
+
+The submit path is built around coalescing (DESIGN.md, "Where the time
+goes"): :meth:`Session.submit` only checks and queues a frame; one pump task
+per session takes *everything* that arrived while the previous batch was
+being stored and published, stores it in one write (group-committed with
+other sessions' writes), publishes it as one broker message, waits for that
+one confirm, then queues the ``accepted`` frames in submit order. With one
+request in flight this adds no latency (no timer); with many, batches grow by
+themselves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aio_pika.abc import AbstractChannel, AbstractQueue
+from loguru import logger
+
+from consumers.consumer import SessionConsumer, encode_batch
+from consumers.registry import BadArgs, Registry
+from protocol import (
+    ErrorCode,
+    Submit,
+    encode_accepted,
+    encode_error,
+    encode_json,
+    encode_status,
+)
+from server import metrics
+from server.broker import Broker, BrokerError, QueueFull
+from server.settings import Settings
+from server.store import Fenced, NewRequest, Store, StoreError
+
+if TYPE_CHECKING:
+    from server.outbox import Outbox
+
+
+@dataclass(slots=True)
+class _Pending:
+    """A submit waiting in the pump; duplicates of its id ride along."""
+
+    frame: Submit
+    args_json: str
+    duplicates: int = 0
+
+
+class Session:
+    def __init__(
+        self,
+        session_id: str,
+        username: str,
+        epoch: int,
+        *,
+        settings: Settings,
+        store: Store,
+        broker: Broker,
+        registry: Registry,
+        cpu_pool: Executor | None,
+        owner: str,
+        last_seq: int = 0,
+        on_closed: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.session_id = session_id
+        self.username = username
+        self.epoch = epoch
+        self.settings = settings
+        self.store = store
+        self.broker = broker
+        self.registry = registry
+        self.cpu_pool = cpu_pool
+        self.owner = owner
+        self.on_closed = on_closed
+        self.state = "open"
+        self.outbox: Outbox | None = None
+        self.close_connection: Callable[[int, str], None] | None = None
+
+        self.last_seq = last_seq
+        self.accepted_through = last_seq
+        self.unfinished: dict[int, str] = {}  # seq -> client id, in seq order
+        self.ids: dict[str, tuple[int, int]] = {}  # client id -> (seq, ahead)
+        self.resumed_from_store = last_seq > 0  # ids before this process: ask the store
+        self._incoming: list[_Pending] = []
+        self._incoming_ids: dict[str, _Pending] = {}
+        self._wake = asyncio.Event()
+        self._accept_waiter: tuple[int, asyncio.Future[None]] | None = None
+        self._cancels: dict[int, asyncio.Future[bytes]] = {}
+        self._submit_times: list[float] = []
+
+        self.channel: AbstractChannel | None = None
+        self.queue: AbstractQueue | None = None
+        self.queue_generation = -1
+        self.consumer: SessionConsumer | None = None
+        self._consumer_task: asyncio.Task[None] | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._incarnation = 0
+        self.log = logger.bind(session=session_id, user=username)
+
+    # -- lifecycle ---------------------------------------------------------------
+    async def start(self, unfinished: list[tuple[int, str, str, str]] | None = None) -> None:
+        """Declare a fresh queue, (re)publish ``unfinished`` requests from the
+        store in seq order, and start the consumer and the submit pump."""
+        if self._pump_task is None:
+            self._pump_task = asyncio.create_task(self._pump(), name=f"pump-{self.session_id}")
+        if unfinished:
+            for seq, rid, _op, _args in unfinished:
+                self.unfinished[seq] = rid
+        try:
+            await self._open_queue(unfinished or [])
+        except BrokerError as exc:
+            # No broker now: the session still works for status/resume, submits
+            # get `unavailable`, and the broker's recovery callback retries.
+            self.log.warning("session queue not ready: {}", exc)
+
+    async def _open_queue(self, unfinished: list[tuple[int, str, str, str]]) -> None:
+        channel = self.broker.pick_channel()
+        generation = self.broker.generation
+        self._incarnation += 1
+        name = f"sessionq.s.{self.session_id}.{self.owner}.{self._incarnation}"
+        queue = await self.broker.declare_session_queue(channel, name, self.settings.max_pending)
+        batch = self.settings.batch_max
+        for start in range(0, len(unfinished), batch):
+            await self.broker.publish(
+                channel, name, encode_batch(unfinished[start : start + batch])
+            )
+        consumer = SessionConsumer(
+            self,
+            self.store,
+            self.store,
+            self.registry,
+            limits={"max_sleep": self.settings.max_sleep},
+            op_timeout=self.settings.op_timeout,
+            max_attempts=self.settings.max_attempts,
+            cpu_pool=self.cpu_pool,
+        )
+        self.channel, self.queue, self.queue_generation = channel, queue, generation
+        self.consumer = consumer
+        self._consumer_task = asyncio.create_task(
+            self._consume(consumer, queue), name=f"consumer-{self.session_id}"
+        )
+
+    async def _consume(self, consumer: SessionConsumer, queue: AbstractQueue) -> None:
+        await consumer.run(queue)
+        if consumer is self.consumer and self.state == "draining" and not self.unfinished:
+            await self._finish_close()
+
+    async def recover(self) -> None:
+        """After a lost channel/connection: wait for the old consumer to end its
+        running request, then re-publish every unfinished request from the
+        store into a fresh queue. Called by the manager on broker reconnect."""
+        if self.state == "closed":
+            return
+        old = self._consumer_task
+        if self.consumer is not None:
+            self.consumer.stop()
+        if old is not None:
+            await asyncio.gather(old, return_exceptions=True)
+        self.consumer = None
+        self._consumer_task = None
+        rows = await self.store.unfinished(self.session_id)
+        todo = [(r.seq, r.client_id, r.op, r.args) for r in rows if r.seq <= self.accepted_through]
+        self.unfinished = {seq: rid for seq, rid, _, _ in todo}
+        await self._open_queue(todo)
+        self.log.info("session recovered; {} requests re-published", len(todo))
+
+    def attach(self, outbox: Outbox, close: Callable[[int, str], None]) -> None:
+        self.outbox = outbox
+        self.close_connection = close
+        if self.state != "closed":
+            self.state = "open"
+
+    def detach(self, outbox: Outbox) -> None:
+        """The connection carrying this session went away: drain, then close."""
+        if self.outbox is not outbox:
+            return  # a newer connection already carries the session
+        self.outbox = None
+        self.close_connection = None
+        if self.state == "closed":
+            return
+        self.state = "draining"
+        if not self.unfinished and not self._incoming:
+            self._begin_close()
+
+    def _begin_close(self) -> None:
+        if self.consumer is not None:
+            self.consumer.stop()  # _consume() finishes the close once it returns
+        elif self._closer is None:
+            self._closer = asyncio.create_task(self._finish_close())
+
+    async def _finish_close(self) -> None:
+        if self.state == "closed":
+            return
+        self.state = "closed"
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+        queue = self.queue
+        self.queue = None
+        if queue is not None and self.channel is not None and not self.channel.is_closed:
+            try:  # auto-delete removes it once the consumer is gone; make sure
+                await queue.delete(if_unused=False, if_empty=False, timeout=5)
+            except Exception as exc:
+                self.log.debug("queue delete: {!r}", exc)
+        try:
+            await self.store.release_session(self.session_id, self.epoch)
+        except StoreError as exc:
+            self.log.warning("could not release session: {}", exc)
+        if self.on_closed is not None:
+            self.on_closed(self)
+        self.log.debug("session closed")
+
+    async def stop(self, grace: float) -> None:
+        """Shutdown: finish the running request within ``grace``, start no more,
+        keep the rest stored for the next owner."""
+        self.state = "closed"
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+        if self.consumer is not None:
+            self.consumer.stop()
+        if self._consumer_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._consumer_task), grace)
+            except TimeoutError:
+                self._consumer_task.cancel()
+                await asyncio.gather(self._consumer_task, return_exceptions=True)
+        try:
+            await self.store.release_session(self.session_id, self.epoch)
+        except StoreError:
+            pass
+
+    # -- SessionPort (used by the consumer) ------------------------------------
+    def push(self, frame: bytes) -> None:
+        outbox = self.outbox
+        if outbox is not None:
+            outbox.push(frame)
+
+    async def wait_accepted(self, seq: int) -> None:
+        while self.accepted_through < seq:
+            future = asyncio.get_running_loop().create_future()
+            self._accept_waiter = (seq, future)
+            await future
+
+    def cancel_pending(self, seq: int) -> asyncio.Future[bytes] | None:
+        return self._cancels.get(seq)
+
+    def begin(self, seq: int) -> bool:
+        return seq in self.unfinished
+
+    def finished(self, seq: int) -> None:
+        self.unfinished.pop(seq, None)
+        self._cancels.pop(seq, None)
+        if self.state == "draining" and not self.unfinished and not self._incoming:
+            self._begin_close()
+
+    def owned(self) -> bool:
+        return self.state != "closed"
+
+    # -- client requests -----------------------------------------------------------
+    def submit(self, frame: Submit) -> None:
+        """Check a submit and queue it for the pump, or refuse it at once."""
+        rid = frame.id
+        known = self.ids.get(rid)
+        if known is not None:
+            self.push(encode_accepted(rid, known[0], known[1]))
+            return
+        waiting = self._incoming_ids.get(rid)
+        if waiting is not None:
+            waiting.duplicates += 1
+            return
+        op = self.registry.get(frame.op)
+        if op is None:
+            return self._refuse(ErrorCode.UNKNOWN_OP, f"unknown op {frame.op!r}", rid)
+        if op.validate is not None:
+            try:
+                op.validate(frame.args, {"max_sleep": self.settings.max_sleep})
+            except BadArgs as exc:
+                return self._refuse(ErrorCode.BAD_REQUEST, exc.message, rid)
+        if len(self.unfinished) + len(self._incoming) >= self.settings.max_pending:
+            return self._refuse(
+                ErrorCode.QUEUE_FULL,
+                f"the session already has {self.settings.max_pending} unfinished requests",
+                rid,
+            )
+        if self.settings.max_submits_per_second > 0 and not self._rate_ok():
+            return self._refuse(ErrorCode.RATE_LIMITED, "too many submits per second", rid)
+        if self.consumer is None or not self.broker.connected:
+            return self._refuse(ErrorCode.UNAVAILABLE, "the broker is unreachable; retry", rid)
+        try:
+            args_json = encode_json(frame.args).decode()
+        except TypeError:
+            return self._refuse(ErrorCode.BAD_REQUEST, "args must be JSON", rid)
+        pending = _Pending(frame, args_json)
+        self._incoming.append(pending)
+        self._incoming_ids[rid] = pending
+        self._wake.set()
+
+    def _rate_ok(self) -> bool:
+        now = time.monotonic()
+        times = self._submit_times
+        while times and times[0] <= now - 1.0:
+            times.pop(0)
+        if len(times) >= self.settings.max_submits_per_second:
+            return False
+        times.append(now)
+        return True
+
+    def _refuse(self, code: ErrorCode, message: str, rid: str) -> None:
+        metrics.requests_refused.labels(code.value).inc()
+        self.push(encode_error(code, message, rid))
+
+    async def _pump(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            while self._incoming:
+                batch = self._incoming[: self.settings.batch_max]
+                del self._incoming[: len(batch)]
+                try:
+                    await self._accept(batch)
+                finally:
+                    for pending in batch:
+                        self._incoming_ids.pop(pending.frame.id, None)
+
+    async def _accept(self, batch: list[_Pending]) -> None:
+        if self.resumed_from_store:
+            batch = await self._drop_known(batch)
+            if not batch:
+                return
+        first = self.last_seq + 1
+        records = [
+            NewRequest(first + i, p.frame.id, p.frame.op, p.args_json) for i, p in enumerate(batch)
+        ]
+        try:
+            await self.store.add_requests(self.session_id, self.epoch, records, time.time())
+        except (StoreError, Fenced) as exc:
+            metrics.store_errors.inc()
+            self.log.warning("storing {} requests failed: {}", len(batch), exc)
+            for p in batch:
+                self._refuse(ErrorCode.UNAVAILABLE, "the request could not be stored; retry",
+                             p.frame.id)  # fmt: skip
+            return
+        body = encode_batch([(r.seq, r.client_id, r.op, r.args) for r in records])
+        try:
+            if self.channel is None or self.queue is None:
+                raise BrokerError("no queue")
+            await self.broker.publish(self.channel, self.queue.name, body)
+        except BrokerError as exc:
+            full = isinstance(exc, QueueFull)
+            try:
+                await self.store.remove_requests(self.session_id, [r.seq for r in records])
+            except StoreError:
+                self.log.warning("could not forget refused requests {}..{}", first, records[-1].seq)
+            code = ErrorCode.QUEUE_FULL if full else ErrorCode.UNAVAILABLE
+            message = "the session's queue is full" if full else "the broker is unreachable; retry"
+            for p in batch:
+                self._refuse(code, message, p.frame.id)
+            return
+        metrics.batch_size.observe(len(batch))
+        metrics.requests_accepted.inc(len(batch))
+        ahead = len(self.unfinished)
+        for record, p in zip(records, batch, strict=True):
+            self.unfinished[record.seq] = record.client_id
+            self.ids[record.client_id] = (record.seq, ahead)
+            frame = encode_accepted(record.client_id, record.seq, ahead)
+            for _ in range(1 + p.duplicates):
+                self.push(frame)
+            ahead += 1
+        self.last_seq = records[-1].seq
+        self.accepted_through = self.last_seq
+        waiter = self._accept_waiter
+        if waiter is not None and waiter[0] <= self.accepted_through:
+            self._accept_waiter = None
+            if not waiter[1].done():
+                waiter[1].set_result(None)
+
+    async def _drop_known(self, batch: list[_Pending]) -> list[_Pending]:
+        """For a session that existed before this process owned it: answer ids
+        the store already has with their original ``accepted``."""
+        keep = []
+        for p in batch:
+            record = await self.store.find_request(self.session_id, p.frame.id)
+            if record is None:
+                keep.append(p)
+                continue
+            self.ids[p.frame.id] = (record.seq, 0)
+            for _ in range(1 + p.duplicates):
+                self.push(encode_accepted(p.frame.id, record.seq, 0))
+        return keep
+
+    async def cancel(self, rid: str) -> None:
+        seq = self._seq_of(rid)
+        if seq is None:
+            waiting = self._incoming_ids.get(rid)
+            if waiting is None:
+                record = await self.store.find_request(self.session_id, rid)
+                seq = record.seq if record is not None and record.state != "done" else None
+        if seq is None or seq not in self.unfinished or seq in self._cancels:
+            self.push(encode_error(ErrorCode.NOT_FOUND, f"no unfinished request {rid!r}", rid))
+            return
+        consumer = self.consumer
+        if consumer is not None and consumer.running_seq == seq:
+            if not consumer.cancel_running(seq):
+                self.push(encode_error(ErrorCode.NOT_CANCELLABLE,
+                                       "the running request cannot be interrupted", rid))  # fmt: skip
+            return
+        # Queued: store the cancellation now (it survives a crash); the consumer
+        # sends the final frame when it reaches the request, keeping seq order.
+        future: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._cancels[seq] = future
+        frame = encode_error(ErrorCode.CANCELLED, "cancelled before it started", rid, seq)
+        try:
+            await self.store.finish_request(
+                self.session_id, seq, self.epoch, frame.decode(), True, time.time()
+            )
+        except StoreError as exc:
+            self._cancels.pop(seq, None)
+            future.cancel()
+            self.push(encode_error(ErrorCode.UNAVAILABLE, f"could not cancel: {exc}", rid))
+            return
+        future.set_result(frame)
+
+    def _seq_of(self, rid: str) -> int | None:
+        known = self.ids.get(rid)
+        return known[0] if known is not None else None
+
+    async def status(self, rid: str | None) -> bytes:
+        pending = len(self.unfinished)
+        last_done = (min(self.unfinished) - 1) if self.unfinished else self.last_seq
+        if rid is None:
+            return encode_status(self.session_id, pending, self.last_seq, last_done)
+        seq = self._seq_of(rid)
+        if seq is None:
+            record = await self.store.find_request(self.session_id, rid)
+            if record is None:
+                return encode_error(ErrorCode.NOT_FOUND, f"no request {rid!r} in this session", rid)
+            seq = record.seq
+        if seq in self.unfinished:
+            running = self.consumer is not None and self.consumer.running_seq == seq
+            if running:
+                return encode_status(self.session_id, pending, self.last_seq, last_done,
+                                     rid, "running")  # fmt: skip
+            ahead = sum(1 for s in self.unfinished if s < seq)
+            return encode_status(self.session_id, pending, self.last_seq, last_done,
+                                 rid, "queued", ahead)  # fmt: skip
+        return encode_status(self.session_id, pending, self.last_seq, last_done, rid, "done")
+
+    def describe(self) -> dict[str, Any]:
+        return {"session": self.session_id, "state": self.state, "pending": len(self.unfinished)}

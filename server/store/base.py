@@ -1,0 +1,239 @@
+"""The store interface: users, sessions, the request log and the key-value data.
+
+The store is the source of truth (DESIGN.md). Every caller goes through
+:class:`Store`; the SQLite and MongoDB backends implement it and pass the same
+contract tests (``tests/test_store_contract.py``).
+
+Contract highlights that callers rely on:
+
+* ``add_requests`` is durable when it returns. The server sends ``accepted`` only
+  after it (and the broker confirm).
+* Writes that change a request's state carry the session's *epoch* (fencing
+  token). A write from an owner whose epoch is not the session's current epoch
+  raises :class:`Fenced`, so an owner that lost the session can neither start
+  nor finish a request.
+* ``finish_request`` is idempotent per (session, seq): the first final frame
+  wins; a later one for the same seq returns ``False`` and changes nothing.
+  This is what makes "exactly one final frame per seq" hold across crashes.
+* Final frames are stored as the exact JSON text that was (or will be) sent, so
+  ``resume`` re-sends them byte for byte.
+
+Backends may group concurrent writes into one transaction (group commit); the
+methods' semantics are the same as if each ran alone.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class StoreError(Exception):
+    """The store could not do what was asked (unreachable, disk full, ...)."""
+
+
+class UserExists(StoreError):
+    """A user with that name (compared without regard to case) exists."""
+
+
+class Fenced(StoreError):
+    """The write came from an owner whose epoch is no longer the session's."""
+
+
+class RequestState(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+
+
+@dataclass(frozen=True, slots=True)
+class User:
+    username: str
+    password_hash: bytes
+    created_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class SessionRecord:
+    session_id: str
+    username: str
+    created_at: float
+    last_seq: int
+    owner: str | None
+    epoch: int
+    lease_until: float
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequest:
+    seq: int
+    client_id: str
+    op: str
+    args: str  # JSON text of the args object
+
+
+@dataclass(frozen=True, slots=True)
+class RequestRecord:
+    session_id: str
+    seq: int
+    client_id: str
+    op: str
+    args: str  # JSON text
+    state: RequestState
+    attempts: int
+    failed: bool  # final frame is an error
+    final: str | None  # JSON text of the final frame once DONE
+    created_at: float
+    finished_at: float | None
+
+
+@dataclass(frozen=True, slots=True)
+class SessionCounts:
+    last_seq: int  # highest seq accepted
+    last_done: int  # highest seq such that every seq <= it is DONE
+    pending: int  # requests not DONE
+
+
+class Store(abc.ABC):
+    """Async storage for sessionq. One instance per process, shared by all tasks."""
+
+    # -- lifecycle -----------------------------------------------------------
+    @abc.abstractmethod
+    async def open(self) -> None:
+        """Connect and create tables / indexes if missing."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Flush pending writes and disconnect. Safe to call twice."""
+
+    @abc.abstractmethod
+    async def ping(self) -> None:
+        """Raise StoreError if the store cannot serve requests right now."""
+
+    # -- users ---------------------------------------------------------------
+    @abc.abstractmethod
+    async def create_user(self, username: str, password_hash: bytes) -> User:
+        """Create a user; raise UserExists if the name exists in any case."""
+
+    @abc.abstractmethod
+    async def get_user(self, username: str) -> User | None:
+        """Look a user up without regard to case."""
+
+    # -- sessions and ownership ----------------------------------------------
+    @abc.abstractmethod
+    async def create_session(
+        self, session_id: str, username: str, owner: str, lease_until: float
+    ) -> SessionRecord:
+        """Create a session owned by ``owner`` at epoch 1."""
+
+    @abc.abstractmethod
+    async def get_session(self, session_id: str) -> SessionRecord | None: ...
+
+    @abc.abstractmethod
+    async def claim_session(
+        self, session_id: str, owner: str, lease_until: float, now: float
+    ) -> int | None:
+        """Take ownership if the session has no owner, or its lease ended
+        before ``now``, or ``owner`` already holds it. Returns the new epoch
+        (always incremented on success) or None if another live owner holds it
+        (or the session does not exist).
+        """
+
+    @abc.abstractmethod
+    async def release_session(self, session_id: str, epoch: int) -> bool:
+        """Give ownership up (owner cleared, lease 0) if ``epoch`` is current."""
+
+    @abc.abstractmethod
+    async def renew_leases(self, owner: str, lease_until: float) -> int:
+        """Extend the lease of every session ``owner`` holds; return how many."""
+
+    # -- requests ------------------------------------------------------------
+    @abc.abstractmethod
+    async def add_requests(
+        self, session_id: str, epoch: int, requests: Sequence[NewRequest], now: float
+    ) -> None:
+        """Store requests as QUEUED, durably, and raise the session's last_seq
+        to the highest seq given. Raises Fenced if epoch is not current (or the
+        session is gone), and plain StoreError, storing none of them, if a seq
+        or client id is already in the session."""
+
+    @abc.abstractmethod
+    async def remove_requests(self, session_id: str, seqs: Sequence[int]) -> None:
+        """Forget QUEUED requests that were never accepted (their publish
+        failed); lower last_seq back to the highest remaining seq (never below
+        the lowest seq given minus one, so seqs of purged requests are not reused)."""
+
+    @abc.abstractmethod
+    async def start_request(self, session_id: str, seq: int, epoch: int) -> int:
+        """Mark a QUEUED or RUNNING request RUNNING and count one more start;
+        return the attempt number (1 for the first start). Returns 0, changing
+        nothing, if the request is DONE (cancelled meanwhile) or missing. Raises Fenced."""
+
+    @abc.abstractmethod
+    async def finish_request(
+        self,
+        session_id: str,
+        seq: int,
+        epoch: int | None,
+        final: str,
+        failed: bool,
+        now: float,
+        start_next: int | None = None,
+    ) -> tuple[bool, int | None]:
+        """Record the final frame of a request that is not DONE yet and mark it
+        DONE. ``epoch`` None skips fencing (used by cancel of a queued request
+        by its owner's connection path). If ``start_next`` is given, that seq is
+        started (as start_request) in the same transaction.
+
+        Returns (stored, attempt of start_next or None). ``stored`` is False
+        when the request was already DONE or is missing (nothing changed then;
+        ``start_next`` is still started). Raises Fenced.
+        """
+
+    @abc.abstractmethod
+    async def get_request(self, session_id: str, seq: int) -> RequestRecord | None: ...
+
+    @abc.abstractmethod
+    async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
+        """The request of this session with that client id, if any."""
+
+    @abc.abstractmethod
+    async def unfinished(self, session_id: str) -> list[RequestRecord]:
+        """Requests not DONE, in seq order."""
+
+    @abc.abstractmethod
+    async def finals_after(self, session_id: str, after: int) -> list[tuple[int, str]]:
+        """(seq, final frame) of DONE requests with seq > after, in seq order."""
+
+    @abc.abstractmethod
+    async def session_counts(self, session_id: str) -> SessionCounts: ...
+
+    @abc.abstractmethod
+    async def failed_requests(self, limit: int = 100) -> list[RequestRecord]:
+        """DONE requests whose final frame is an error, newest first (the
+        dead-letter list an operator reads)."""
+
+    @abc.abstractmethod
+    async def purge(self, finished_before: float) -> int:
+        """Delete DONE requests finished before the given time, and sessions
+        with no request left that were created before it and whose lease ended
+        before it (a live owner may be idle for longer than the TTL). Return how
+        many requests were deleted."""
+
+    # -- key-value (per user) ------------------------------------------------
+    @abc.abstractmethod
+    async def kv_put(self, username: str, key: str, value: str) -> None:
+        """Set key to value (JSON text)."""
+
+    @abc.abstractmethod
+    async def kv_get(self, username: str, key: str) -> str | None: ...
+
+    @abc.abstractmethod
+    async def kv_delete(self, username: str, key: str) -> bool:
+        """Delete; return whether the key existed."""
+
+    @abc.abstractmethod
+    async def kv_list(self, username: str, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
+        """(key, value) pairs whose key starts with prefix, sorted by key."""

@@ -1,0 +1,504 @@
+"""MongoDB backend, on PyMongo's async API (``AsyncMongoClient``).
+
+For the scale-out setup (DESIGN.md): every replica shares one MongoDB. It must
+not need a replica set, so it uses no multi-document transactions; each
+guarantee rests on single-document atomicity and unique indexes instead:
+
+* users: a unique index on ``username_lower`` makes names unique without
+  regard to case; requests: unique (session_id, seq) and (session_id,
+  client_id); kv: unique (username, key).
+* ``claim_session``, ``release_session`` and the epoch bump are one
+  ``find_one_and_update`` on the session document each.
+* ``finish_request`` updates the request with a ``state != done`` filter, so the
+  first final frame wins even between two owners: "exactly one final frame per
+  seq" never depends on fencing.
+* Fenced writes check the session's epoch and then write the requests: two
+  documents, two round trips. An owner that stalls between them for longer
+  than its lease while another takes the session over could write after the
+  takeover. So ``start_request`` and ``add_requests`` check the epoch again
+  after writing and raise Fenced if it moved (``add_requests`` first deletes
+  what it inserted): the stale owner never acts on the write. What can remain
+  is one start counted too many on a request the new owner re-runs anyway; a
+  stale ``finish_request`` in that window stores the request's one genuine
+  final, which is harmless by the state filter above.
+
+PyMongo errors become StoreError (DuplicateKeyError on users: UserExists).
+``serverSelectionTimeoutMS`` defaults to 3 s so ``ping`` and ``open`` fail fast
+when the server is gone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+from bson import ObjectId
+from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
+from pymongo.asynchronous.collection import AsyncCollection
+from pymongo.asynchronous.database import AsyncDatabase
+from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
+
+from .base import (
+    Fenced,
+    NewRequest,
+    RequestRecord,
+    RequestState,
+    SessionCounts,
+    SessionRecord,
+    Store,
+    StoreError,
+    User,
+    UserExists,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Doc = dict[str, Any]
+
+DEFAULT_DATABASE = "sessionq"
+SERVER_SELECTION_TIMEOUT_MS = 3000
+DONE = RequestState.DONE.value
+NOT_DONE = {"$ne": DONE}
+PURGE_CHUNK = 1000  # sessions checked per round trip by purge
+
+
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn PyMongo's errors into StoreError."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except PyMongoError as e:
+            raise StoreError(f"mongodb: {e}") from e
+
+    return wrapper
+
+
+class MongoStore(Store):
+    """The store in one MongoDB database (see the module docstring)."""
+
+    def __init__(self, url: str, *, database: str | None = None) -> None:
+        self.url = url
+        self.database = database  # None: the URL's, else DEFAULT_DATABASE
+        self._client: AsyncMongoClient[Doc] | None = None
+        self._db: AsyncDatabase[Doc] | None = None
+
+    # -- lifecycle -----------------------------------------------------------
+    async def open(self) -> None:
+        if self._client is not None:
+            return
+        options: dict[str, Any] = {}
+        if "serverselectiontimeoutms" not in self.url.lower():
+            options["serverSelectionTimeoutMS"] = SERVER_SELECTION_TIMEOUT_MS
+        try:  # a malformed URL raises ValueError or PyMongoError here, before any I/O
+            client: AsyncMongoClient[Doc] = AsyncMongoClient(self.url, **options)
+        except (PyMongoError, ValueError) as e:
+            raise StoreError(f"mongodb: bad store URL: {e}") from e
+        try:
+            db = (
+                client.get_database(self.database)
+                if self.database
+                else client.get_default_database(DEFAULT_DATABASE)
+            )
+            await _create_indexes(db)
+        except PyMongoError as e:
+            await client.close()
+            raise StoreError(f"mongodb: cannot open the store: {e}") from e
+        self._client, self._db = client, db
+
+    async def close(self) -> None:
+        client, self._client, self._db = self._client, None, None
+        if client is not None:
+            await client.close()
+
+    @translated
+    async def ping(self) -> None:
+        await self._database().command("ping")
+
+    def _database(self) -> AsyncDatabase[Doc]:
+        if self._db is None:
+            raise StoreError("the store is not open")
+        return self._db
+
+    @property
+    def _users(self) -> AsyncCollection[Doc]:
+        return self._database()["users"]
+
+    @property
+    def _sessions(self) -> AsyncCollection[Doc]:
+        return self._database()["sessions"]
+
+    @property
+    def _requests(self) -> AsyncCollection[Doc]:
+        return self._database()["requests"]
+
+    @property
+    def _kv(self) -> AsyncCollection[Doc]:
+        return self._database()["kv"]
+
+    # -- users ---------------------------------------------------------------
+    @translated
+    async def create_user(self, username: str, password_hash: bytes) -> User:
+        user = User(username, password_hash, time.time())
+        try:
+            await self._users.insert_one(
+                {
+                    "username": username,
+                    "username_lower": username.lower(),
+                    "password_hash": password_hash,
+                    "created_at": user.created_at,
+                }
+            )
+        except DuplicateKeyError as e:
+            raise UserExists(username) from e
+        return user
+
+    @translated
+    async def get_user(self, username: str) -> User | None:
+        doc = await self._users.find_one({"username_lower": username.lower()})
+        if doc is None:
+            return None
+        return User(doc["username"], bytes(doc["password_hash"]), doc["created_at"])
+
+    # -- sessions and ownership ----------------------------------------------
+    @translated
+    async def create_session(
+        self, session_id: str, username: str, owner: str, lease_until: float
+    ) -> SessionRecord:
+        record = SessionRecord(session_id, username, time.time(), 0, owner, 1, lease_until)
+        try:
+            await self._sessions.insert_one(
+                {
+                    "_id": session_id,
+                    "username": username,
+                    "created_at": record.created_at,
+                    "last_seq": 0,
+                    "owner": owner,
+                    "epoch": 1,
+                    "lease_until": lease_until,
+                }
+            )
+        except DuplicateKeyError as e:
+            raise StoreError(f"session {session_id} exists") from e
+        return record
+
+    @translated
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        doc = await self._sessions.find_one({"_id": session_id})
+        if doc is None:
+            return None
+        return SessionRecord(
+            session_id=doc["_id"],
+            username=doc["username"],
+            created_at=doc["created_at"],
+            last_seq=doc["last_seq"],
+            owner=doc["owner"],
+            epoch=doc["epoch"],
+            lease_until=doc["lease_until"],
+        )
+
+    @translated
+    async def claim_session(
+        self, session_id: str, owner: str, lease_until: float, now: float
+    ) -> int | None:
+        doc = await self._sessions.find_one_and_update(
+            {
+                "_id": session_id,
+                "$or": [{"owner": None}, {"lease_until": {"$lt": now}}, {"owner": owner}],
+            },
+            {"$set": {"owner": owner, "lease_until": lease_until}, "$inc": {"epoch": 1}},
+            projection={"epoch": True},
+            return_document=ReturnDocument.AFTER,
+        )
+        return None if doc is None else int(doc["epoch"])
+
+    @translated
+    async def release_session(self, session_id: str, epoch: int) -> bool:
+        result = await self._sessions.update_one(
+            {"_id": session_id, "epoch": epoch}, {"$set": {"owner": None, "lease_until": 0}}
+        )
+        return result.matched_count == 1
+
+    @translated
+    async def renew_leases(self, owner: str, lease_until: float) -> int:
+        result = await self._sessions.update_many(
+            {"owner": owner}, {"$set": {"lease_until": lease_until}}
+        )
+        return result.matched_count
+
+    async def _check_epoch(self, session_id: str, epoch: int) -> None:
+        doc = await self._sessions.find_one({"_id": session_id}, {"epoch": True})
+        current = None if doc is None else doc["epoch"]
+        if current != epoch:
+            raise Fenced(f"session {session_id}: epoch {epoch} is not current ({current})")
+
+    # -- requests ------------------------------------------------------------
+    @translated
+    async def add_requests(
+        self, session_id: str, epoch: int, requests: Sequence[NewRequest], now: float
+    ) -> None:
+        if not requests:
+            return
+        top = max(r.seq for r in requests)
+        # last_seq goes up first: a crash after the inserts must not leave a
+        # request above last_seq, where the next owner would reuse its seq.
+        before = await self._sessions.find_one_and_update(
+            {"_id": session_id, "epoch": epoch},
+            {"$max": {"last_seq": top}},
+            projection={"last_seq": True},
+        )
+        if before is None:
+            raise Fenced(f"session {session_id}: epoch {epoch} is not current")
+        docs = [
+            {
+                "_id": ObjectId(),
+                "session_id": session_id,
+                "seq": r.seq,
+                "client_id": r.client_id,
+                "op": r.op,
+                "args": r.args,
+                "state": RequestState.QUEUED.value,
+                "attempts": 0,
+                "failed": False,
+                "final": None,
+                "created_at": now,
+                "finished_at": None,
+            }
+            for r in requests
+        ]
+
+        async def undo() -> None:
+            with contextlib.suppress(PyMongoError):
+                await self._requests.delete_many({"_id": {"$in": [d["_id"] for d in docs]}})
+                if before["last_seq"] < top:
+                    await self._sessions.update_one(
+                        {"_id": session_id, "last_seq": top},
+                        {"$set": {"last_seq": before["last_seq"]}},
+                    )
+
+        try:
+            await self._requests.insert_many(docs, ordered=True)
+        except BulkWriteError as e:
+            await undo()
+            codes = {err.get("code") for err in e.details.get("writeErrors", [])}
+            if 11000 in codes:
+                raise StoreError(f"session {session_id}: a seq or client id is taken") from e
+            raise
+        except PyMongoError:
+            await undo()
+            raise
+        try:
+            await self._check_epoch(session_id, epoch)
+        except Fenced:
+            await undo()
+            raise
+
+    @translated
+    async def remove_requests(self, session_id: str, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+        await self._requests.delete_many(
+            {
+                "session_id": session_id,
+                "seq": {"$in": list(seqs)},
+                "state": RequestState.QUEUED.value,
+            }
+        )
+        top = await self._requests.find_one(
+            {"session_id": session_id}, {"seq": True}, sort=[("seq", DESCENDING)]
+        )
+        highest = 0 if top is None else top["seq"]
+        await self._sessions.update_one(
+            {"_id": session_id}, {"$min": {"last_seq": max(highest, min(seqs) - 1)}}
+        )
+
+    async def _start(self, session_id: str, seq: int, epoch: int | None) -> int:
+        doc = await self._requests.find_one_and_update(
+            {"session_id": session_id, "seq": seq, "state": NOT_DONE},
+            {"$set": {"state": RequestState.RUNNING.value}, "$inc": {"attempts": 1}},
+            projection={"attempts": True},
+            return_document=ReturnDocument.AFTER,
+        )
+        if epoch is not None:
+            await self._check_epoch(session_id, epoch)  # a takeover since the first check
+        return 0 if doc is None else int(doc["attempts"])
+
+    @translated
+    async def start_request(self, session_id: str, seq: int, epoch: int) -> int:
+        await self._check_epoch(session_id, epoch)
+        return await self._start(session_id, seq, epoch)
+
+    @translated
+    async def finish_request(
+        self,
+        session_id: str,
+        seq: int,
+        epoch: int | None,
+        final: str,
+        failed: bool,
+        now: float,
+        start_next: int | None = None,
+    ) -> tuple[bool, int | None]:
+        if epoch is not None:
+            await self._check_epoch(session_id, epoch)
+        result = await self._requests.update_one(
+            {"session_id": session_id, "seq": seq, "state": NOT_DONE},
+            {"$set": {"state": DONE, "final": final, "failed": failed, "finished_at": now}},
+        )
+        started = None if start_next is None else await self._start(session_id, start_next, epoch)
+        return result.matched_count == 1, started
+
+    @translated
+    async def get_request(self, session_id: str, seq: int) -> RequestRecord | None:
+        doc = await self._requests.find_one({"session_id": session_id, "seq": seq})
+        return None if doc is None else _request(doc)
+
+    @translated
+    async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
+        doc = await self._requests.find_one({"session_id": session_id, "client_id": client_id})
+        return None if doc is None else _request(doc)
+
+    @translated
+    async def unfinished(self, session_id: str) -> list[RequestRecord]:
+        cursor = self._requests.find({"session_id": session_id, "state": NOT_DONE}).sort("seq")
+        return [_request(doc) for doc in await cursor.to_list()]
+
+    @translated
+    async def finals_after(self, session_id: str, after: int) -> list[tuple[int, str]]:
+        cursor = self._requests.find(
+            {"session_id": session_id, "state": DONE, "seq": {"$gt": after}},
+            {"seq": True, "final": True},
+        ).sort("seq")
+        return [(doc["seq"], doc["final"]) for doc in await cursor.to_list()]
+
+    @translated
+    async def session_counts(self, session_id: str) -> SessionCounts:
+        session = await self._sessions.find_one({"_id": session_id}, {"last_seq": True})
+        if session is None:
+            return SessionCounts(last_seq=0, last_done=0, pending=0)
+        cursor = await self._requests.aggregate(
+            [
+                {"$match": {"session_id": session_id, "state": NOT_DONE}},
+                {"$group": {"_id": None, "pending": {"$sum": 1}, "first": {"$min": "$seq"}}},
+            ]
+        )
+        groups = await cursor.to_list()
+        last_seq = int(session["last_seq"])
+        pending = groups[0]["pending"] if groups else 0
+        if not pending:
+            return SessionCounts(last_seq=last_seq, last_done=last_seq, pending=0)
+        return SessionCounts(last_seq=last_seq, last_done=groups[0]["first"] - 1, pending=pending)
+
+    @translated
+    async def failed_requests(self, limit: int = 100) -> list[RequestRecord]:
+        cursor = self._requests.find({"failed": True}).sort("finished_at", DESCENDING).limit(limit)
+        return [_request(doc) for doc in await cursor.to_list()]
+
+    @translated
+    async def purge(self, finished_before: float) -> int:
+        result = await self._requests.delete_many(
+            {"state": DONE, "finished_at": {"$lt": finished_before}}
+        )
+        # A session still leased (a live owner, possibly idle for longer than
+        # the TTL) is kept even if it has no request left.
+        stale = {"created_at": {"$lt": finished_before}, "lease_until": {"$lt": finished_before}}
+        cursor = self._sessions.find(stale, {"_id": True}).batch_size(PURGE_CHUNK)
+        chunk: list[str] = []
+        async for doc in cursor:
+            chunk.append(doc["_id"])
+            if len(chunk) == PURGE_CHUNK:
+                await self._delete_empty_sessions(chunk, stale)
+                chunk = []
+        if chunk:
+            await self._delete_empty_sessions(chunk, stale)
+        return result.deleted_count
+
+    async def _delete_empty_sessions(self, ids: list[str], stale: Mapping[str, Any]) -> None:
+        busy = await self._requests.distinct("session_id", {"session_id": {"$in": ids}})
+        empty = sorted(set(ids) - set(busy))
+        if empty:
+            # The stale filter again: a session claimed meanwhile has a live lease.
+            await self._sessions.delete_many({"_id": {"$in": empty}, **stale})
+
+    # -- key-value (per user) ------------------------------------------------
+    @translated
+    async def kv_put(self, username: str, key: str, value: str) -> None:
+        for attempt in range(2):
+            try:
+                await self._kv.update_one(
+                    {"username": username, "key": key}, {"$set": {"value": value}}, upsert=True
+                )
+                return
+            except DuplicateKeyError:
+                # Two upserts of a new key raced; the loser's retry updates.
+                if attempt:
+                    raise
+
+    @translated
+    async def kv_get(self, username: str, key: str) -> str | None:
+        doc = await self._kv.find_one({"username": username, "key": key})
+        return None if doc is None else str(doc["value"])
+
+    @translated
+    async def kv_delete(self, username: str, key: str) -> bool:
+        result = await self._kv.delete_one({"username": username, "key": key})
+        return result.deleted_count == 1
+
+    @translated
+    async def kv_list(self, username: str, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
+        query: Doc = {"username": username}
+        if prefix:
+            # An anchored, case-sensitive regex on a literal prefix is an index
+            # range scan. Keys sort by code point (BSON compares UTF-8 bytes).
+            query["key"] = {"$regex": "^" + _regex_escape(prefix)}
+        cursor = self._kv.find(query).sort("key").limit(limit)
+        return [(doc["key"], doc["value"]) for doc in await cursor.to_list()]
+
+
+async def _create_indexes(db: AsyncDatabase[Doc]) -> None:
+    await db["users"].create_index("username_lower", unique=True)
+    await db["sessions"].create_indexes(
+        [IndexModel("owner"), IndexModel([("created_at", ASCENDING), ("lease_until", ASCENDING)])]
+    )
+    await db["requests"].create_indexes(
+        [
+            IndexModel([("session_id", ASCENDING), ("seq", ASCENDING)], unique=True),
+            IndexModel([("session_id", ASCENDING), ("client_id", ASCENDING)], unique=True),
+            # unfinished and finals_after: the session's requests of a state, by seq
+            IndexModel([("session_id", ASCENDING), ("state", ASCENDING), ("seq", ASCENDING)]),
+            IndexModel([("state", ASCENDING), ("finished_at", ASCENDING)]),  # purge
+            IndexModel(
+                [("finished_at", DESCENDING)],
+                name="failed_finished_at",
+                partialFilterExpression={"failed": True},
+            ),
+        ]
+    )
+    await db["kv"].create_index([("username", ASCENDING), ("key", ASCENDING)], unique=True)
+
+
+def _request(doc: Mapping[str, Any]) -> RequestRecord:
+    return RequestRecord(
+        session_id=doc["session_id"],
+        seq=doc["seq"],
+        client_id=doc["client_id"],
+        op=doc["op"],
+        args=doc["args"],
+        state=RequestState(doc["state"]),
+        attempts=doc["attempts"],
+        failed=bool(doc["failed"]),
+        final=doc["final"],
+        created_at=doc["created_at"],
+        finished_at=doc["finished_at"],
+    )
+
+
+def _regex_escape(text: str) -> str:
+    """Escape for a PCRE pattern: a backslash before every non-alphanumeric ASCII
+    character is always a literal in PCRE (unlike Python's re.escape output,
+    which is meant for Python's own engine)."""
+    return "".join("\\" + ch if ch.isascii() and not ch.isalnum() else ch for ch in text)

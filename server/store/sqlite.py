@@ -1,0 +1,620 @@
+"""SQLite backend: one file shared by every server process on the machine.
+
+Why it is built this way:
+
+* Group commit. A commit costs about as much as the work in it (DESIGN.md:
+  ~4k requests/s one commit each, 37k/s sixteen at a time), so every write is
+  queued to one writer task. The writer takes everything queued, runs it in one
+  transaction, commits once and then answers each caller. Writes that arrive
+  while a commit runs form the next batch: no timer, and no added latency when
+  only one write is in flight.
+* Each write runs in its own SAVEPOINT, so one that fails (UserExists, Fenced, a
+  taken client id) is rolled back alone and the rest of its batch commits. A
+  failure of the whole transaction (I/O error, full disk, read-only file, the
+  lock not granted within ``busy_timeout``) fails every write of that batch with
+  StoreError; the next batch starts afresh, so the store recovers by itself.
+* The whole batch, BEGIN to COMMIT, is one call on aiosqlite's thread. Reads
+  queue on the same thread, so they never see a batch half done, and a batch
+  costs one thread hop instead of one per statement.
+* WAL lets readers go on while another process writes. ``BEGIN IMMEDIATE``
+  takes the write lock up front (a deferred transaction that upgrades later
+  can fail with SQLITE_BUSY without waiting), and ``busy_timeout`` makes it
+  wait for another process's commit instead of failing.
+* synchronous=NORMAL: in WAL mode a commit survives a crash of the process;
+  only an OS crash or power cut can lose the last commits (DESIGN.md's choice).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sqlite3
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import Any, TypeVar, cast
+
+import aiosqlite
+
+from .base import (
+    Fenced,
+    NewRequest,
+    RequestRecord,
+    RequestState,
+    SessionCounts,
+    SessionRecord,
+    Store,
+    StoreError,
+    User,
+    UserExists,
+)
+
+T = TypeVar("T")
+Op = Callable[[sqlite3.Connection], Any]
+
+# Rows deleted per purge transaction, so a big purge never holds the write lock
+# (and every other process's commits) for long.
+PURGE_CHUNK = 5000
+
+SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS users (
+    username TEXT NOT NULL,
+    username_lower TEXT NOT NULL UNIQUE,
+    password_hash BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS sessions (
+    session_id TEXT PRIMARY KEY,
+    username TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    last_seq INTEGER NOT NULL,
+    owner TEXT,
+    epoch INTEGER NOT NULL,
+    lease_until REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner);
+CREATE INDEX IF NOT EXISTS sessions_created ON sessions (created_at);
+-- The primary key serves get_request, finals_after and session_counts' max(seq).
+CREATE TABLE IF NOT EXISTS requests (
+    session_id TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    client_id TEXT NOT NULL,
+    op TEXT NOT NULL,
+    args TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    failed INTEGER NOT NULL DEFAULT 0,
+    final TEXT,
+    created_at REAL NOT NULL,
+    finished_at REAL,
+    PRIMARY KEY (session_id, seq),
+    UNIQUE (session_id, client_id)
+);
+CREATE INDEX IF NOT EXISTS requests_unfinished ON requests (session_id, seq)
+    WHERE state != 'done';
+CREATE INDEX IF NOT EXISTS requests_purge ON requests (finished_at) WHERE state = 'done';
+CREATE INDEX IF NOT EXISTS requests_failed ON requests (finished_at) WHERE failed = 1;
+CREATE TABLE IF NOT EXISTS kv (
+    username TEXT NOT NULL,
+    key TEXT NOT NULL,
+    value TEXT NOT NULL,
+    PRIMARY KEY (username, key)
+);
+COMMIT;
+"""
+
+REQUEST_COLUMNS = (
+    "session_id, seq, client_id, op, args, state, attempts, failed, final, created_at, finished_at"
+)
+SESSION_COLUMNS = "session_id, username, created_at, last_seq, owner, epoch, lease_until"
+
+
+class SqliteStore(Store):
+    """The store in one SQLite file (see the module docstring for the design)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
+        self.path = Path(path)
+        self.busy_timeout = busy_timeout
+        self.commits = 0  # transactions the writer committed (tests check the grouping)
+        self._db: aiosqlite.Connection | None = None
+        self._pending: list[tuple[Op, asyncio.Future[Any]]] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------
+    async def open(self) -> None:
+        if self._db is not None:
+            return
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: the sqlite3 module must not open transactions
+            # behind our back; timeout= is SQLite's busy_timeout.
+            db = await aiosqlite.connect(self.path, isolation_level=None, timeout=self.busy_timeout)
+        except (OSError, sqlite3.Error) as e:
+            raise StoreError(f"cannot open {self.path}: {e}") from e
+        try:
+            await _call(db, _setup)
+        except BaseException as e:
+            await db.close()
+            if isinstance(e, sqlite3.Error):
+                raise StoreError(f"cannot set up {self.path}: {e}") from e
+            raise
+        self._db = db
+        self._closing = False
+        self._writer = asyncio.create_task(self._write_loop(), name=f"sqlite writer {self.path}")
+
+    async def close(self) -> None:
+        if self._db is None:
+            return
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            await self._writer  # drains what is queued
+            self._writer = None
+        db, self._db = self._db, None
+        await db.close()
+
+    async def ping(self) -> None:
+        await self._read(lambda c: c.execute("SELECT 1").fetchall())
+
+    # -- the writer ----------------------------------------------------------
+    async def _write(self, op: Callable[[sqlite3.Connection], T]) -> T:
+        """Queue ``op`` for the next batch; return its result once committed."""
+        if self._writer is None or self._closing:
+            raise StoreError("the store is not open")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        self._wakeup.set()
+        return await future
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, self._pending = self._pending, []
+            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[Op, asyncio.Future[Any]]]) -> None:
+        assert self._db is not None
+        try:
+            outcomes = await _call(self._db, _run_batch, [op for op, _ in batch])
+        except Exception as e:  # the transaction failed: nothing of the batch is stored
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(_store_error(e))
+            return
+        except asyncio.CancelledError:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StoreError("the store's writer was cancelled"))
+            raise
+        self.commits += 1
+        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
+            if fut.done():
+                continue
+            if ok:
+                fut.set_result(value)
+            else:
+                fut.set_exception(value)
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
+        if self._db is None:
+            raise StoreError("the store is not open")
+        try:
+            return await _call(self._db, fn)
+        except sqlite3.Error as e:
+            raise StoreError(f"sqlite: {e}") from e
+
+    # -- users ---------------------------------------------------------------
+    async def create_user(self, username: str, password_hash: bytes) -> User:
+        user = User(username, password_hash, time.time())
+
+        def op(c: sqlite3.Connection) -> User:
+            try:
+                c.execute(
+                    "INSERT INTO users (username, username_lower, password_hash, created_at)"
+                    " VALUES (?, ?, ?, ?)",
+                    (username, username.lower(), password_hash, user.created_at),
+                )
+            except sqlite3.IntegrityError as e:
+                raise UserExists(username) from e
+            return user
+
+        return await self._write(op)
+
+    async def get_user(self, username: str) -> User | None:
+        row = await self._read(
+            lambda c: _one(
+                c,
+                "SELECT username, password_hash, created_at FROM users WHERE username_lower = ?",
+                (username.lower(),),
+            )
+        )
+        return None if row is None else User(row[0], bytes(row[1]), row[2])
+
+    # -- sessions and ownership ----------------------------------------------
+    async def create_session(
+        self, session_id: str, username: str, owner: str, lease_until: float
+    ) -> SessionRecord:
+        record = SessionRecord(session_id, username, time.time(), 0, owner, 1, lease_until)
+
+        def op(c: sqlite3.Connection) -> SessionRecord:
+            try:
+                c.execute(
+                    f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (session_id, username, record.created_at, 0, owner, 1, lease_until),
+                )
+            except sqlite3.IntegrityError as e:
+                raise StoreError(f"session {session_id} exists") from e
+            return record
+
+        return await self._write(op)
+
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        row = await self._read(
+            lambda c: _one(
+                c, f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
+            )
+        )
+        return None if row is None else SessionRecord(*row)
+
+    async def claim_session(
+        self, session_id: str, owner: str, lease_until: float, now: float
+    ) -> int | None:
+        def op(c: sqlite3.Connection) -> int | None:
+            row = _one(
+                c,
+                "UPDATE sessions SET owner = ?, lease_until = ?, epoch = epoch + 1"
+                " WHERE session_id = ? AND (owner IS NULL OR lease_until < ? OR owner = ?)"
+                " RETURNING epoch",
+                (owner, lease_until, session_id, now, owner),
+            )
+            return None if row is None else int(row[0])
+
+        return await self._write(op)
+
+    async def release_session(self, session_id: str, epoch: int) -> bool:
+        def op(c: sqlite3.Connection) -> bool:
+            cur = c.execute(
+                "UPDATE sessions SET owner = NULL, lease_until = 0"
+                " WHERE session_id = ? AND epoch = ?",
+                (session_id, epoch),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(op)
+
+    async def renew_leases(self, owner: str, lease_until: float) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            cur = c.execute(
+                "UPDATE sessions SET lease_until = ? WHERE owner = ?", (lease_until, owner)
+            )
+            return cur.rowcount
+
+        return await self._write(op)
+
+    # -- requests ------------------------------------------------------------
+    async def add_requests(
+        self, session_id: str, epoch: int, requests: Sequence[NewRequest], now: float
+    ) -> None:
+        if not requests:
+            return
+        rows = [(session_id, r.seq, r.client_id, r.op, r.args, now) for r in requests]
+        top = max(r.seq for r in requests)
+
+        def op(c: sqlite3.Connection) -> None:
+            _check_epoch(c, session_id, epoch)
+            try:
+                c.executemany(
+                    "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at)"
+                    " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
+                    rows,
+                )
+            except sqlite3.IntegrityError as e:
+                raise StoreError(f"session {session_id}: a seq or client id is taken") from e
+            c.execute(
+                "UPDATE sessions SET last_seq = max(last_seq, ?) WHERE session_id = ?",
+                (top, session_id),
+            )
+
+        await self._write(op)
+
+    async def remove_requests(self, session_id: str, seqs: Sequence[int]) -> None:
+        if not seqs:
+            return
+
+        def op(c: sqlite3.Connection) -> None:
+            c.executemany(
+                "DELETE FROM requests WHERE session_id = ? AND seq = ? AND state = 'queued'",
+                [(session_id, seq) for seq in seqs],
+            )
+            row = _one(c, "SELECT max(seq) FROM requests WHERE session_id = ?", (session_id,))
+            highest = row[0] if row and row[0] is not None else 0
+            c.execute(
+                "UPDATE sessions SET last_seq = min(last_seq, ?) WHERE session_id = ?",
+                (max(highest, min(seqs) - 1), session_id),
+            )
+
+        await self._write(op)
+
+    async def start_request(self, session_id: str, seq: int, epoch: int) -> int:
+        def op(c: sqlite3.Connection) -> int:
+            _check_epoch(c, session_id, epoch)
+            return _start(c, session_id, seq)
+
+        return await self._write(op)
+
+    async def finish_request(
+        self,
+        session_id: str,
+        seq: int,
+        epoch: int | None,
+        final: str,
+        failed: bool,
+        now: float,
+        start_next: int | None = None,
+    ) -> tuple[bool, int | None]:
+        def op(c: sqlite3.Connection) -> tuple[bool, int | None]:
+            if epoch is not None:
+                _check_epoch(c, session_id, epoch)
+            cur = c.execute(
+                "UPDATE requests SET state = 'done', final = ?, failed = ?, finished_at = ?"
+                " WHERE session_id = ? AND seq = ? AND state != 'done'",
+                (final, int(failed), now, session_id, seq),
+            )
+            started = None if start_next is None else _start(c, session_id, start_next)
+            return cur.rowcount == 1, started
+
+        return await self._write(op)
+
+    async def get_request(self, session_id: str, seq: int) -> RequestRecord | None:
+        row = await self._read(
+            lambda c: _one(
+                c,
+                f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id = ? AND seq = ?",
+                (session_id, seq),
+            )
+        )
+        return None if row is None else _request(row)
+
+    async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
+        row = await self._read(
+            lambda c: _one(
+                c,
+                f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id = ? AND client_id = ?",
+                (session_id, client_id),
+            )
+        )
+        return None if row is None else _request(row)
+
+    async def unfinished(self, session_id: str) -> list[RequestRecord]:
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {REQUEST_COLUMNS} FROM requests"
+                " WHERE session_id = ? AND state != 'done' ORDER BY seq",
+                (session_id,),
+            ).fetchall()
+        )
+        return [_request(row) for row in rows]
+
+    async def finals_after(self, session_id: str, after: int) -> list[tuple[int, str]]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT seq, final FROM requests"
+                " WHERE session_id = ? AND seq > ? AND state = 'done' ORDER BY seq",
+                (session_id, after),
+            ).fetchall()
+        )
+        return [(seq, final) for seq, final in rows]
+
+    async def session_counts(self, session_id: str) -> SessionCounts:
+        # One statement, so one snapshot even while other processes commit.
+        row = await self._read(
+            lambda c: _one(
+                c,
+                "SELECT s.last_seq,"
+                " (SELECT count(*) FROM requests r"
+                "  WHERE r.session_id = s.session_id AND r.state != 'done'),"
+                " (SELECT min(seq) FROM requests r"
+                "  WHERE r.session_id = s.session_id AND r.state != 'done')"
+                " FROM sessions s WHERE s.session_id = ?",
+                (session_id,),
+            )
+        )
+        if row is None:
+            return SessionCounts(last_seq=0, last_done=0, pending=0)
+        last_seq, pending, first_unfinished = row
+        last_done = last_seq if not pending else first_unfinished - 1
+        return SessionCounts(last_seq=last_seq, last_done=last_done, pending=pending)
+
+    async def failed_requests(self, limit: int = 100) -> list[RequestRecord]:
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT {REQUEST_COLUMNS} FROM requests WHERE failed = 1"
+                " ORDER BY finished_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        )
+        return [_request(row) for row in rows]
+
+    async def purge(self, finished_before: float) -> int:
+        deleted = await self._delete_in_chunks(
+            "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests"
+            " WHERE state = 'done' AND finished_at < ? LIMIT ?)",
+            finished_before,
+        )
+        # A session still leased (a live owner, possibly idle for longer than
+        # the TTL) is kept even if it has no request left.
+        await self._delete_in_chunks(
+            "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions s"
+            " WHERE created_at < ?1 AND lease_until < ?1 AND NOT EXISTS"
+            " (SELECT 1 FROM requests r WHERE r.session_id = s.session_id) LIMIT ?2)",
+            finished_before,
+        )
+        return deleted
+
+    async def _delete_in_chunks(self, sql: str, before: float) -> int:
+        total = 0
+        while True:
+            n = await self._write(lambda c: c.execute(sql, (before, PURGE_CHUNK)).rowcount)
+            total += n
+            if n < PURGE_CHUNK:
+                return total
+
+    # -- key-value (per user) ------------------------------------------------
+    async def kv_put(self, username: str, key: str, value: str) -> None:
+        await self._write(
+            lambda c: c.execute(
+                "INSERT INTO kv (username, key, value) VALUES (?, ?, ?)"
+                " ON CONFLICT (username, key) DO UPDATE SET value = excluded.value",
+                (username, key, value),
+            )
+        )
+
+    async def kv_get(self, username: str, key: str) -> str | None:
+        row = await self._read(
+            lambda c: _one(
+                c, "SELECT value FROM kv WHERE username = ? AND key = ?", (username, key)
+            )
+        )
+        return None if row is None else str(row[0])
+
+    async def kv_delete(self, username: str, key: str) -> bool:
+        return await self._write(
+            lambda c: (
+                c.execute("DELETE FROM kv WHERE username = ? AND key = ?", (username, key)).rowcount
+                == 1
+            )
+        )
+
+    async def kv_list(self, username: str, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
+        # A key range rather than LIKE: LIKE ignores ASCII case and treats % and _
+        # as wildcards. Keys compare by code point (BINARY collation on UTF-8).
+        end = _prefix_end(prefix)
+        sql = "SELECT key, value FROM kv WHERE username = ? AND key >= ?"
+        params: tuple[Any, ...] = (username, prefix)
+        if end is not None:
+            sql += " AND key < ?"
+            params += (end,)
+        rows = await self._read(
+            lambda c: c.execute(sql + " ORDER BY key LIMIT ?", (*params, limit)).fetchall()
+        )
+        return [(key, value) for key, value in rows]
+
+
+# -- run on aiosqlite's thread -----------------------------------------------
+async def _call(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(connection, *args)`` on the connection's thread, in one hop.
+
+    aiosqlite's public calls are one statement each; its ``_execute`` (stable
+    across its releases) takes a whole function, which the batch design needs.
+    """
+    execute = cast(Callable[..., Awaitable[T]], db._execute)
+    return await execute(fn, db._conn, *args)
+
+
+def _setup(c: sqlite3.Connection) -> None:
+    c.execute("PRAGMA journal_mode = WAL")
+    c.execute("PRAGMA synchronous = NORMAL")
+    c.executescript(SCHEMA)
+
+
+def _run_batch(c: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
+    """Run ``ops`` in one transaction, each in its own savepoint, and commit once.
+
+    Returns (True, result) or (False, exception) per op. Raises if the
+    transaction as a whole fails; nothing of the batch is stored then.
+    """
+    if c.in_transaction:  # a ROLLBACK that failed last time must not wedge the store
+        c.execute("ROLLBACK")
+    outcomes: list[tuple[bool, Any]] = []
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        for op in ops:
+            c.execute("SAVEPOINT op")
+            try:
+                outcomes.append((True, op(c)))
+            except Exception as e:
+                if not c.in_transaction:  # SQLite rolled back everything (I/O error, full disk)
+                    raise
+                c.execute("ROLLBACK TO op")
+                outcomes.append((False, _store_error(e)))
+            c.execute("RELEASE op")
+        c.execute("COMMIT")
+    except BaseException:
+        if c.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+        raise
+    return outcomes
+
+
+def _store_error(e: Exception) -> Exception:
+    if isinstance(e, sqlite3.Error):
+        error = StoreError(f"sqlite: {e}")
+        error.__cause__ = e
+        return error
+    return e
+
+
+def _one(c: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
+    # fetchall, not fetchone: it finishes the statement (an UPDATE ... RETURNING
+    # left open would block the RELEASE/COMMIT that follows).
+    rows = c.execute(sql, params).fetchall()
+    return rows[0] if rows else None
+
+
+def _check_epoch(c: sqlite3.Connection, session_id: str, epoch: int) -> None:
+    row = _one(c, "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,))
+    if row is None or row[0] != epoch:
+        current = None if row is None else row[0]
+        raise Fenced(f"session {session_id}: epoch {epoch} is not current ({current})")
+
+
+def _start(c: sqlite3.Connection, session_id: str, seq: int) -> int:
+    row = _one(
+        c,
+        "UPDATE requests SET state = 'running', attempts = attempts + 1"
+        " WHERE session_id = ? AND seq = ? AND state != 'done' RETURNING attempts",
+        (session_id, seq),
+    )
+    return 0 if row is None else int(row[0])
+
+
+def _request(row: Sequence[Any]) -> RequestRecord:
+    session_id, seq, client_id, op, args, state, attempts, failed, final, created, finished = row
+    return RequestRecord(
+        session_id=session_id,
+        seq=seq,
+        client_id=client_id,
+        op=op,
+        args=args,
+        state=RequestState(state),
+        attempts=attempts,
+        failed=bool(failed),
+        final=final,
+        created_at=created,
+        finished_at=finished,
+    )
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``
+    (None when there is none, e.g. for the empty prefix)."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if code <= 0x10FFFF:
+            if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be stored: skip them
+                code = 0xE000
+            return "".join(chars) + chr(code)
+    return None

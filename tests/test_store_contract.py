@@ -1,0 +1,499 @@
+"""One contract for every store backend, plus what only SQLite can show here.
+
+SQLite runs on a real file everywhere. MongoDB runs where
+``SESSIONQ_TEST_MONGODB_URL`` points at a server (each test in a database of
+its own, dropped afterwards) and is skipped, saying so, elsewhere.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sqlite3
+import time
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from pymongo import AsyncMongoClient
+
+from server.store import (
+    Fenced,
+    NewRequest,
+    RequestState,
+    SessionCounts,
+    SessionRecord,
+    Store,
+    StoreError,
+    User,
+    UserExists,
+    open_store,
+)
+from server.store.mongodb import MongoStore
+from server.store.sqlite import SqliteStore
+
+UNIT = 0.1  # seconds; every timeout below is a multiple of it
+MONGODB_URL = os.environ.get("SESSIONQ_TEST_MONGODB_URL")
+NO_MONGODB = "SESSIONQ_TEST_MONGODB_URL not set: no MongoDB server to test against"
+FAR = 1e12  # a lease that outlives every test
+
+
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("mongodb", marks=pytest.mark.skipif(not MONGODB_URL, reason=NO_MONGODB)),
+    ]
+)
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    database = f"sessionq_test_{uuid.uuid4().hex[:12]}"
+    s: Store
+    if request.param == "sqlite":
+        s = SqliteStore(tmp_path / "store.db")
+    else:
+        assert MONGODB_URL
+        s = MongoStore(MONGODB_URL, database=database)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+        if request.param == "mongodb":
+            client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(MONGODB_URL)
+            try:
+                await client.drop_database(database)
+            finally:
+                await client.close()
+
+
+def reqs(*seqs: int) -> list[NewRequest]:
+    return [NewRequest(seq, f"c{seq}", "echo", f'{{"n": {seq}}}') for seq in seqs]
+
+
+async def session_of(store: Store, sid: str) -> SessionRecord:
+    session = await store.get_session(sid)
+    assert session is not None
+    return session
+
+
+async def new_session(store: Store, sid: str = "s1", owner: str = "A") -> str:
+    await store.create_session(sid, "alice", owner, lease_until=FAR)
+    return sid
+
+
+# -- users -------------------------------------------------------------------
+async def test_user_names_are_unique_without_regard_to_case(store: Store) -> None:
+    created = await store.create_user("Alice", b"hash")
+    assert created.username == "Alice"
+    with pytest.raises(UserExists):
+        await store.create_user("ALICE", b"other")
+    user = await store.get_user("aLiCe")
+    assert user is not None
+    assert (user.username, user.password_hash) == ("Alice", b"hash")
+    assert await store.get_user("bob") is None
+
+
+# -- sessions and ownership ----------------------------------------------------
+async def test_session_starts_at_epoch_one_owned_by_its_creator(store: Store) -> None:
+    await store.create_session("s1", "alice", "A", lease_until=100.0)
+    session = await session_of(store, "s1")
+    assert (session.username, session.owner, session.epoch) == ("alice", "A", 1)
+    assert (session.last_seq, session.lease_until) == (0, 100.0)
+    assert await store.get_session("nope") is None
+    with pytest.raises(StoreError):
+        await store.create_session("s1", "alice", "B", lease_until=100.0)
+
+
+async def test_claim_waits_for_the_lease_and_always_bumps_the_epoch(store: Store) -> None:
+    await store.create_session("s1", "alice", "A", lease_until=100.0)
+    assert await store.claim_session("s1", "B", lease_until=200.0, now=50.0) is None
+    assert await store.claim_session("s1", "B", lease_until=200.0, now=100.0) is None  # not ended
+    assert await store.claim_session("s1", "A", lease_until=150.0, now=50.0) == 2  # holder
+    assert await store.claim_session("s1", "B", lease_until=300.0, now=151.0) == 3  # lapsed
+    session = await session_of(store, "s1")
+    assert (session.owner, session.epoch, session.lease_until) == ("B", 3, 300.0)
+    assert await store.claim_session("nope", "B", lease_until=300.0, now=151.0) is None
+
+
+async def test_release_needs_the_current_epoch_and_frees_the_session(store: Store) -> None:
+    await store.create_session("s1", "alice", "A", lease_until=FAR)
+    epoch = await store.claim_session("s1", "A", lease_until=FAR, now=0.0)
+    assert epoch == 2
+    assert await store.release_session("s1", 1) is False
+    assert (await session_of(store, "s1")).owner == "A"
+    assert await store.release_session("s1", epoch) is True
+    session = await session_of(store, "s1")
+    assert (session.owner, session.lease_until, session.epoch) == (None, 0, 2)
+    assert await store.claim_session("s1", "B", lease_until=FAR, now=0.0) == 3
+
+
+async def test_renew_leases_extends_every_session_of_the_owner(store: Store) -> None:
+    await store.create_session("s1", "alice", "A", lease_until=10.0)
+    await store.create_session("s2", "bob", "A", lease_until=10.0)
+    await store.create_session("s3", "carol", "B", lease_until=10.0)
+    assert await store.renew_leases("A", 99.0) == 2
+    leases = [(await session_of(store, s)).lease_until for s in ("s1", "s2", "s3")]
+    assert leases == [99.0, 99.0, 10.0]
+    assert await store.renew_leases("nobody", 99.0) == 0
+
+
+# -- requests ------------------------------------------------------------------
+async def test_add_requests_queues_them_and_raises_last_seq(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2, 3), now=5.0)
+    record = await store.get_request(sid, 2)
+    assert record is not None
+    assert (record.client_id, record.op, record.args, record.state) == (
+        "c2",
+        "echo",
+        '{"n": 2}',
+        RequestState.QUEUED,
+    )
+    assert (record.attempts, record.failed, record.final, record.created_at) == (
+        0,
+        False,
+        None,
+        5.0,
+    )
+    assert (await session_of(store, sid)).last_seq == 3
+    found = await store.find_request(sid, "c3")
+    assert found is not None and found.seq == 3
+    assert await store.find_request(sid, "c9") is None
+    assert await store.find_request("other", "c3") is None
+
+
+async def test_a_taken_client_id_refuses_the_whole_call(store: Store) -> None:
+    """The caller checks find_request first; the store is the backstop."""
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1), now=0.0)
+    taken = [NewRequest(2, "c2", "echo", "{}"), NewRequest(3, "c1", "echo", "{}")]
+    with pytest.raises(StoreError) as caught:
+        await store.add_requests(sid, 1, taken, now=0.0)
+    assert type(caught.value) is StoreError
+    assert await store.get_request(sid, 2) is None
+    assert (await session_of(store, sid)).last_seq == 1
+    # the same client id in another session is fine
+    other = await new_session(store, "s2")
+    await store.add_requests(other, 1, reqs(1), now=0.0)
+
+
+async def test_remove_requests_lowers_last_seq(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2, 3, 4), now=0.0)
+    await store.start_request(sid, 1, 1)
+    await store.remove_requests(sid, [3, 4])
+    assert [r.seq for r in await store.unfinished(sid)] == [1, 2]
+    assert (await session_of(store, sid)).last_seq == 2
+    await store.remove_requests(sid, [1])  # running: not removed
+    assert (await store.get_request(sid, 1)) is not None
+    assert (await session_of(store, sid)).last_seq == 2
+
+
+async def test_remove_after_purge_does_not_reuse_purged_seqs(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2), now=0.0)
+    for seq in (1, 2):
+        await store.finish_request(sid, seq, 1, "{}", False, now=1.0)
+    await store.purge(finished_before=2.0)
+    await store.add_requests(sid, 1, reqs(3), now=3.0)
+    await store.remove_requests(sid, [3])
+    assert (await session_of(store, sid)).last_seq == 2
+
+
+async def test_start_request_counts_attempts(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1), now=0.0)
+    assert [await store.start_request(sid, 1, 1) for _ in range(3)] == [1, 2, 3]
+    record = await store.get_request(sid, 1)
+    assert record is not None and record.state is RequestState.RUNNING
+
+
+async def test_start_of_a_done_or_missing_request_returns_zero(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1), now=0.0)
+    await store.finish_request(sid, 1, None, '{"cancelled": 1}', True, now=1.0)
+    assert await store.start_request(sid, 1, 1) == 0
+    assert await store.start_request(sid, 7, 1) == 0
+    record = await store.get_request(sid, 1)
+    assert record is not None and (record.state, record.attempts) == (RequestState.DONE, 0)
+
+
+async def test_the_first_final_wins(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1), now=0.0)
+    await store.start_request(sid, 1, 1)
+    assert await store.finish_request(sid, 1, 1, '{"r": 1}', False, now=7.0) == (True, None)
+    assert await store.finish_request(sid, 1, 1, '{"r": 2}', True, now=8.0) == (False, None)
+    record = await store.get_request(sid, 1)
+    assert record is not None
+    assert (record.state, record.final, record.failed, record.finished_at) == (
+        RequestState.DONE,
+        '{"r": 1}',
+        False,
+        7.0,
+    )
+
+
+async def test_finish_can_start_the_next_request(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2, 3), now=0.0)
+    await store.start_request(sid, 1, 1)
+    assert await store.finish_request(sid, 1, 1, "{}", False, now=1.0, start_next=2) == (True, 1)
+    record = await store.get_request(sid, 2)
+    assert record is not None and (record.state, record.attempts) == (RequestState.RUNNING, 1)
+    # a finish that was already stored still starts the next one
+    assert await store.finish_request(sid, 1, 1, "{}", False, now=1.0, start_next=3) == (False, 1)
+
+
+async def test_old_epochs_are_fenced_off(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2), now=0.0)
+    assert await store.claim_session(sid, "A", lease_until=FAR, now=0.0) == 2
+    with pytest.raises(Fenced):
+        await store.start_request(sid, 1, 1)
+    with pytest.raises(Fenced):
+        await store.finish_request(sid, 1, 1, "{}", False, now=1.0)
+    with pytest.raises(Fenced):
+        await store.finish_request(sid, 1, 1, "{}", False, now=1.0, start_next=2)
+    with pytest.raises(Fenced):
+        await store.add_requests(sid, 1, reqs(3), now=0.0)
+    with pytest.raises(Fenced):
+        await store.add_requests("nope", 1, reqs(1), now=0.0)
+    assert [(r.seq, r.state, r.attempts) for r in await store.unfinished(sid)] == [
+        (1, RequestState.QUEUED, 0),
+        (2, RequestState.QUEUED, 0),
+    ]
+    assert (await session_of(store, sid)).last_seq == 2
+    # the current epoch works; no epoch (cancel from the connection) skips fencing
+    assert await store.start_request(sid, 1, 2) == 1
+    assert await store.finish_request(sid, 2, None, "{}", True, now=1.0) == (True, None)
+
+
+async def test_unfinished_and_finals_after_are_in_seq_order(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(3, 1, 2, 4), now=0.0)
+    for seq in (4, 2, 1):
+        await store.finish_request(sid, seq, 1, f'"f{seq}"', False, now=1.0)
+    assert [r.seq for r in await store.unfinished(sid)] == [3]
+    assert await store.finals_after(sid, 0) == [(1, '"f1"'), (2, '"f2"'), (4, '"f4"')]
+    assert await store.finals_after(sid, 2) == [(4, '"f4"')]
+    assert await store.finals_after("other", 0) == []
+
+
+async def test_last_done_stops_at_the_first_unfinished(store: Store) -> None:
+    sid = await new_session(store)
+    assert await store.session_counts(sid) == SessionCounts(last_seq=0, last_done=0, pending=0)
+    await store.add_requests(sid, 1, reqs(1, 2, 3), now=0.0)
+    await store.finish_request(sid, 1, 1, "{}", False, now=1.0)
+    await store.finish_request(sid, 3, 1, "{}", False, now=1.0)
+    assert await store.session_counts(sid) == SessionCounts(last_seq=3, last_done=1, pending=1)
+    await store.finish_request(sid, 2, 1, "{}", False, now=1.0)
+    assert await store.session_counts(sid) == SessionCounts(last_seq=3, last_done=3, pending=0)
+    assert await store.session_counts("nope") == SessionCounts(last_seq=0, last_done=0, pending=0)
+
+
+async def test_failed_requests_newest_first(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2, 3, 4), now=0.0)
+    await store.finish_request(sid, 1, 1, '"e1"', True, now=10.0)
+    await store.finish_request(sid, 2, 1, '"ok"', False, now=20.0)
+    await store.finish_request(sid, 3, 1, '"e3"', True, now=30.0)
+    assert [r.seq for r in await store.failed_requests()] == [3, 1]
+    [newest] = await store.failed_requests(limit=1)
+    assert (newest.seq, newest.final, newest.failed) == (3, '"e3"', True)
+
+
+async def test_purge_removes_old_finished_requests_and_ended_sessions(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2, 3), now=0.0)
+    await store.finish_request(sid, 1, 1, "{}", False, now=10.0)
+    await store.finish_request(sid, 2, 1, "{}", False, now=20.0)
+    assert await store.purge(finished_before=15.0) == 1
+    assert await store.get_request(sid, 1) is None
+    assert await store.get_request(sid, 2) is not None
+    assert [r.seq for r in await store.unfinished(sid)] == [3]
+
+    # Sessions: deleted once empty, created before the cut and no longer leased.
+    later = time.time() + 1000
+    await store.finish_request(sid, 3, 1, "{}", False, now=30.0)
+    await store.release_session(sid, 1)
+    await store.create_session("held", "bob", "B", lease_until=FAR)
+    await store.create_session("busy", "carol", "C", lease_until=0.0)
+    await store.add_requests("busy", 1, reqs(1), now=0.0)
+    assert await store.purge(finished_before=later) == 2
+    assert await store.get_session(sid) is None
+    assert await store.get_session("held") is not None
+    assert await store.get_session("busy") is not None
+
+
+async def test_kv_is_per_user_and_lists_by_prefix_in_key_order(store: Store) -> None:
+    assert await store.kv_get("alice", "k") is None
+    await store.kv_put("alice", "k", "1")
+    await store.kv_put("alice", "k", "2")
+    await store.kv_put("bob", "k", "3")
+    assert (await store.kv_get("alice", "k"), await store.kv_get("bob", "k")) == ("2", "3")
+    for key in ("b.2", "b.1", "bx1", "b%", "B.3", "a", "c", "b.1.x"):
+        await store.kv_put("alice", key, f'"{key}"')
+    assert [k for k, _ in await store.kv_list("alice", "b.")] == ["b.1", "b.1.x", "b.2"]
+    assert await store.kv_list("alice", "b%") == [("b%", '"b%"')]
+    everything = [k for k, _ in await store.kv_list("alice", "")]
+    assert everything == "B.3 a b% b.1 b.1.x b.2 bx1 c k".split()  # by code point
+    assert [k for k, _ in await store.kv_list("alice", "b", limit=2)] == ["b%", "b.1"]
+    assert await store.kv_list("bob", "") == [("k", "3")]
+    assert await store.kv_delete("alice", "k") is True
+    assert await store.kv_delete("alice", "k") is False
+    assert await store.kv_get("alice", "k") is None
+    assert await store.kv_get("bob", "k") == "3"
+
+
+async def test_ping_answers_when_open(store: Store) -> None:
+    await store.ping()
+
+
+# -- open_store ------------------------------------------------------------------
+async def test_open_store_picks_the_backend_by_url(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = open_store("sqlite:///var/sq.db")
+    assert isinstance(relative, SqliteStore)
+    await relative.open()  # creates var/
+    await relative.close()
+    assert (tmp_path / "var" / "sq.db").is_file()
+
+    absolute = open_store(f"sqlite:///{tmp_path}/abs/sq.db")  # four slashes
+    assert isinstance(absolute, SqliteStore) and absolute.path == tmp_path / "abs" / "sq.db"
+    assert isinstance(open_store("mongodb://127.0.0.1:1/db"), MongoStore)
+    assert isinstance(open_store("mongodb+srv://cluster.example.com/db"), MongoStore)
+    for bad in ("postgres://x/db", "sqlite://x.db", "sqlite:///"):
+        with pytest.raises(ValueError, match="store URL"):
+            open_store(bad)
+
+
+async def test_a_mongodb_store_fails_with_store_error_before_it_is_open() -> None:
+    # No unreachable server here: PyMongo 4.20 leaks the socket of a connect
+    # that AsyncMongoClient.close() cancels, which filterwarnings=error turns
+    # into a random failure of a later test.
+    store = open_store("mongodb://127.0.0.1:notaport/db")
+    with pytest.raises(StoreError, match="bad store URL"):
+        await store.open()
+    with pytest.raises(StoreError):
+        await store.ping()
+    await store.close()
+
+
+# -- SQLite only -------------------------------------------------------------------
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "store.db")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+async def test_concurrent_writes_share_commits(sqlite_store: SqliteStore) -> None:
+    s = sqlite_store
+    sid = await new_session(s)
+    before = s.commits
+    async with asyncio.timeout(50 * UNIT):
+        await asyncio.gather(*(s.add_requests(sid, 1, reqs(n), now=0.0) for n in range(1, 201)))
+        results = await asyncio.gather(
+            *(s.finish_request(sid, n, 1, f'"{n}"', False, now=1.0) for n in range(1, 201))
+        )
+    assert results == [(True, None)] * 200
+    assert await s.session_counts(sid) == SessionCounts(last_seq=200, last_done=200, pending=0)
+    assert len(await s.finals_after(sid, 0)) == 200
+    assert s.commits - before <= 10
+
+
+async def test_one_failing_write_does_not_fail_its_batch(sqlite_store: SqliteStore) -> None:
+    s = sqlite_store
+    sid = await new_session(s)
+    await s.create_user("bob", b"h")
+    await s.claim_session(sid, "A", lease_until=FAR, now=0.0)  # epoch 2
+    before = s.commits
+    outcomes = await asyncio.gather(
+        s.kv_put("alice", "k", "1"),
+        s.create_user("BOB", b"h"),
+        s.add_requests(sid, 1, reqs(1), now=0.0),
+        s.add_requests(sid, 2, reqs(2), now=0.0),
+        s.create_user("carol", b"h"),
+        return_exceptions=True,
+    )
+    assert s.commits - before == 1  # all five were one transaction
+    stored, taken, fenced, added, carol = outcomes
+    assert (stored, added) == (None, None)
+    assert isinstance(taken, UserExists)
+    assert isinstance(fenced, Fenced)
+    assert isinstance(carol, User)
+    assert await s.kv_get("alice", "k") == "1"
+    assert await s.get_user("carol") is not None
+    assert [r.seq for r in await s.unfinished(sid)] == [2]
+
+
+async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    first = SqliteStore(path)
+    await first.open()
+    await first.create_user("alice", b"h")
+    sid = await new_session(first)
+    await first.add_requests(sid, 1, reqs(1), now=0.0)
+    # writes queued before close() still land: gather starts them in order
+    writes = (first.kv_put("alice", f"k{n}", "1") for n in range(50))
+    await asyncio.gather(*writes, first.close())
+    await first.close()  # twice is fine
+    with pytest.raises(StoreError):
+        await first.kv_put("alice", "late", "1")
+
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.get_user("ALICE") is not None
+        assert [r.seq for r in await second.unfinished(sid)] == [1]
+        assert len(await second.kv_list("alice", "k")) == 50
+    finally:
+        await second.close()
+
+
+async def test_two_stores_on_one_file_both_write(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    a, b = SqliteStore(path), SqliteStore(path)
+    await a.open()
+    await b.open()
+    try:
+        await a.create_session("sa", "alice", "A", lease_until=FAR)
+        await b.create_session("sb", "bob", "B", lease_until=FAR)
+        async with asyncio.timeout(50 * UNIT):
+            await asyncio.gather(
+                *(a.add_requests("sa", 1, reqs(n), now=0.0) for n in range(1, 101)),
+                *(b.add_requests("sb", 1, reqs(n), now=0.0) for n in range(1, 101)),
+                *(a.kv_put("alice", f"a{n}", "1") for n in range(100)),
+                *(b.kv_put("alice", f"b{n}", "1") for n in range(100)),
+            )
+        for view in (a, b):
+            assert (await view.session_counts("sa")).pending == 100
+            assert (await view.session_counts("sb")).pending == 100
+            assert len(await view.kv_list("alice", "")) == 200
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_writes_fail_while_locked_out_and_work_again_after(tmp_path: Path) -> None:
+    path = tmp_path / "store.db"
+    s = SqliteStore(path, busy_timeout=UNIT)
+    await s.open()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    try:
+        blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+        with pytest.raises(StoreError):
+            await s.kv_put("alice", "k", "1")
+        assert await s.kv_get("alice", "k") is None  # reads go on meanwhile
+        blocker.execute("ROLLBACK")
+        await s.kv_put("alice", "k", "2")
+        assert await s.kv_get("alice", "k") == "2"
+    finally:
+        blocker.close()
+        await s.close()
