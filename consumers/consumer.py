@@ -70,8 +70,10 @@ class SessionPort(Protocol):
         """If the client cancelled this queued request: a future of its stored
         final frame (resolved once the cancel is stored)."""
 
-    def begin(self, seq: int) -> bool:
-        """Mark seq running. False if it already finished (skip it)."""
+    def begin(self, seq: int, rid: str) -> bool:
+        """Whether seq is unfinished and is the request ``rid``. False for a
+        request that already finished (a duplicate after recovery) and for a
+        stale message whose publish was refused after all (its seq was reused)."""
 
     def finished(self, seq: int) -> None:
         """seq has its final frame stored; it no longer counts as pending."""
@@ -115,6 +117,7 @@ class SessionConsumer:
         self.max_attempts = max_attempts
         self.cpu_pool = cpu_pool
         self.running_seq: int | None = None
+        self._running_op = ""
         self._handler: asyncio.Task[Any] | None = None
         self._cancel_seq: int | None = None
         self._iterator: AbstractQueueIterator | None = None
@@ -132,14 +135,17 @@ class SessionConsumer:
 
     def cancel_running(self, seq: int) -> bool:
         """Interrupt the running request if it is ``seq`` and its handler allows
-        it; returns whether a cancel was delivered."""
-        if self.running_seq != seq or self._handler is None:
+        it; returns whether a cancel was delivered. A cancel that lands while
+        the request is being marked started takes effect before the handler
+        runs."""
+        if self.running_seq != seq:
             return False
-        op = getattr(self._handler, "sessionq_op", None)
+        op = self.registry.get(self._running_op)
         if op is not None and not op.cancellable:
             return False
         self._cancel_seq = seq
-        self._handler.cancel()
+        if self._handler is not None:
+            self._handler.cancel()
         return True
 
     # -- the loop ------------------------------------------------------------------
@@ -184,13 +190,21 @@ class SessionConsumer:
                 port.push(frame)
                 attempt = None
                 continue
-            if not port.begin(seq):
+            if not port.begin(seq, rid):
                 attempt = None
-                continue  # already finished (a duplicate after recovery)
+                continue  # already finished, or not this request (see SessionPort.begin)
             self.running_seq = seq
+            self._running_op = opname
             try:
-                if attempt is None:
+                if not attempt:
                     attempt = await self.store.start_request(port.session_id, seq, self._epoch)
+                if not attempt:  # finished meanwhile (cancelled while queued)
+                    pending = port.cancel_pending(seq)
+                    if pending is not None:
+                        port.finished(seq)
+                        port.push(await pending)
+                    attempt = None
+                    continue
                 final, failed = await self._run(seq, rid, opname, args, attempt)
                 following = items[index + 1][0] if index + 1 < len(items) else None
                 if following is not None and port.cancel_pending(following) is not None:
@@ -230,12 +244,14 @@ class SessionConsumer:
             _cpu=self.cpu_pool,
         )  # fmt: skip
         timeout = op.timeout if op.timeout is not None else self.op_timeout
+        if self._cancel_seq == seq:
+            self._cancel_seq = None
+            return encode_error(ErrorCode.CANCELLED, "cancelled before it started", rid, seq), True
         if op.is_async:
             coro = op.func(args, ctx)
         else:
             coro = loop.run_in_executor(None, functools.partial(op.func, args, ctx))
         handler = asyncio.ensure_future(_with_timeout(coro, timeout))
-        handler.sessionq_op = op  # type: ignore[attr-defined]
         self._handler = handler
         started = time.perf_counter()
         outcome = "result"

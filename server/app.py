@@ -31,6 +31,7 @@ from websockets.http11 import Request, Response
 
 from consumers.builtin import register_builtins
 from consumers.registry import Registry
+from consumers.registry import registry as default_registry
 from protocol import CloseCode, ErrorCode, decode_json, encode_error, encode_resumed
 from server import metrics
 from server.auth import Authenticator
@@ -57,7 +58,7 @@ class Server:
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
         self.settings = settings
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
-        self.registry = registry if registry is not None else Registry()
+        self.registry = registry if registry is not None else default_registry
         self.store: Store = open_store(settings.store_url)
         self.broker = Broker(
             settings.broker_url,

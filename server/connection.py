@@ -122,8 +122,13 @@ class Connection:
     def close(self, code: int, reason: str) -> None:
         """Close from synchronous code (timers, the outbox, a takeover)."""
         if self._closing is None:
-            metrics.closes.labels(str(code)).inc()
-            self._closing = asyncio.create_task(self.ws.close(code, reason))
+            self._closing = asyncio.create_task(self.close_now(code, reason))
+
+    async def close_now(self, code: int, reason: str) -> None:
+        """Send what is queued (bounded), then close with ``code``."""
+        metrics.closes.labels(str(code)).inc()
+        await self.outbox.flush()
+        await self.ws.close(code, reason)
 
     async def run(self) -> None:
         metrics.connections.inc()
@@ -134,7 +139,7 @@ class Connection:
             if identity is None:
                 return
             if not self.server.take_user_slot(identity.username):
-                await self.ws.close(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
+                await self.close_now(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
                 return
             slot = True
             self.identity = identity
@@ -148,7 +153,7 @@ class Connection:
             pass
         except Exception:
             self.log.exception("connection failed")
-            await self.ws.close(CloseCode.INTERNAL, "internal error")
+            await self.close_now(CloseCode.INTERNAL, "internal error")
         finally:
             if self._expiry is not None:
                 self._expiry.cancel()
@@ -216,7 +221,7 @@ class Connection:
                         failures += 1
                         self._auth_error(exc)
                         if failures >= self.settings.auth_tries:
-                            await self.ws.close(CloseCode.UNAUTHORIZED, "authentication failed")
+                            await self.close_now(CloseCode.UNAUTHORIZED, "authentication failed")
                             return None
                         continue
                     except StoreError as exc:
@@ -228,7 +233,7 @@ class Connection:
                     metrics.auth_total.labels(type(frame).__name__.lower(), "ok").inc()
                     return identity
         except TimeoutError:
-            await self.ws.close(CloseCode.AUTH_TIMEOUT, "authentication timed out")
+            await self.close_now(CloseCode.AUTH_TIMEOUT, "authentication timed out")
             return None
 
     def _auth_error(self, exc: AuthError) -> None:

@@ -37,6 +37,8 @@ class Outbox:
         self._frames: deque[bytes] = deque()
         self._size = 0
         self._wake = asyncio.Event()
+        self._empty = asyncio.Event()
+        self._empty.set()
         self._held = False
         self._hold_from = 0
         self.closed = False
@@ -45,6 +47,7 @@ class Outbox:
         if self.closed:
             return
         self._frames.append(frame)
+        self._empty.clear()
         self._size += len(frame)
         if self._size > self.limit_bytes:
             self.slow()
@@ -76,6 +79,16 @@ class Outbox:
         if self.on_slow is not None:
             self.on_slow()
 
+    async def flush(self, timeout: float = 1.0) -> None:
+        """Wait (bounded) until every pushed frame was handed to the socket,
+        so that a last error frame goes out before a close."""
+        if self.closed or self._held:
+            return
+        try:
+            await asyncio.wait_for(self._empty.wait(), timeout)
+        except TimeoutError:
+            pass
+
     async def run(self) -> None:
         """The writer task: send frames in order until the connection closes."""
         ws = self.ws
@@ -93,6 +106,8 @@ class Outbox:
                         deadline.reschedule(loop.time() + self.slow_timeout)
                         await ws.send(frame, text=True)
                     deadline.reschedule(None)
+                if not self._frames:
+                    self._empty.set()
         except TimeoutError:
             self.slow()
         except ConnectionClosed:

@@ -253,8 +253,8 @@ class Session:
     def cancel_pending(self, seq: int) -> asyncio.Future[bytes] | None:
         return self._cancels.get(seq)
 
-    def begin(self, seq: int) -> bool:
-        return seq in self.unfinished
+    def begin(self, seq: int, rid: str) -> bool:
+        return self.unfinished.get(seq) == rid
 
     def finished(self, seq: int) -> None:
         self.unfinished.pop(seq, None)

@@ -96,8 +96,7 @@ class Client:
         except websockets.ConnectionClosed:
             pass
         await asyncio.wait_for(self.ws.wait_closed(), timeout)
-        rcvd = self.ws.close_rcvd
-        return (rcvd.code, rcvd.reason) if rcvd else (None, "")
+        return self.ws.close_code, self.ws.close_reason or ""
 
     async def close(self) -> None:
         await self.ws.close()

@@ -1,0 +1,35 @@
+"""Operations that only the tests load (via SESSIONQ_OPS=tests.ops_for_tests)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from consumers import Context, OpError, op
+
+
+@op("test.fail")
+async def fail(args: dict[str, Any], ctx: Context) -> Any:
+    if args.get("own_code"):
+        raise OpError("quota_exceeded", "the handler's own error")
+    raise RuntimeError("boom")
+
+
+@op("test.unserializable")
+async def unserializable(args: dict[str, Any], ctx: Context) -> Any:
+    return {"value": object()}
+
+
+@op("test.slow", timeout=0.2)
+async def slow(args: dict[str, Any], ctx: Context) -> Any:
+    await asyncio.sleep(args.get("seconds", 5))
+    return "finished"
+
+
+@op("test.blocking")
+def blocking(args: dict[str, Any], ctx: Context) -> Any:
+    """A sync handler: runs in a thread and cannot be interrupted."""
+    time.sleep(args.get("seconds", 0.2))
+    ctx.progress({"from": "thread"})
+    return {"attempt": ctx.attempt}
