@@ -27,7 +27,12 @@ from collections.abc import Mapping
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
-from aio_pika.abc import AbstractIncomingMessage, AbstractQueue, AbstractQueueIterator
+from aio_pika.abc import (
+    AbstractChannel,
+    AbstractIncomingMessage,
+    AbstractQueue,
+    AbstractQueueIterator,
+)
 from loguru import logger
 
 from consumers.context import KV, Context
@@ -123,6 +128,7 @@ class SessionConsumer:
         self._iterator: AbstractQueueIterator | None = None
         self._stop = False
         self._closer: asyncio.Task[None] | None = None
+        self._channel: AbstractChannel | None = None
         self._epoch = port.epoch
 
     # -- control (called by the session) -------------------------------------------
@@ -151,6 +157,7 @@ class SessionConsumer:
     # -- the loop ------------------------------------------------------------------
     async def run(self, queue: AbstractQueue) -> None:
         """Consume until stop() or until the channel dies."""
+        self._channel = queue.channel
         self._iterator = queue.iterator()
         try:
             async with self._iterator as iterator:
@@ -172,7 +179,16 @@ class SessionConsumer:
             logger.bind(session=self.port.session_id).debug("consumer ended: {!r}", exc)
 
     def _can_start(self) -> bool:
-        return not self._stop and self.port.owned() and self.port.epoch == self._epoch
+        # A dead channel means the broker's copy is gone: the session's
+        # recovery re-publishes from the store, so start nothing more here
+        # (prefetched messages would otherwise run while recovery lists them).
+        channel = self._channel
+        return (
+            not self._stop
+            and self.port.owned()
+            and self.port.epoch == self._epoch
+            and (channel is None or not channel.is_closed)
+        )
 
     async def _process(self, message: AbstractIncomingMessage) -> bool:
         """Run every request carried by one message; True if all were handled."""

@@ -32,7 +32,7 @@ from websockets.http11 import Request, Response
 from consumers.builtin import register_builtins
 from consumers.registry import Registry
 from consumers.registry import registry as default_registry
-from protocol import CloseCode, ErrorCode, decode_json, encode_error, encode_resumed
+from protocol import CloseCode, ErrorCode, decode_json, encode_error, encode_json, encode_resumed
 from server import metrics
 from server.auth import Authenticator
 from server.broker import Broker, BrokerError
@@ -92,6 +92,7 @@ class Server:
         self.registry.load(settings.ops)
         self.cpu_pool = ProcessPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1))
         self.broker.on_recover(self._recover_sessions)
+        self.broker.on_control(self._control)
         try:
             await self.broker.start(wait=10)
         except BrokerError as exc:
@@ -160,6 +161,31 @@ class Server:
             except StoreError as exc:
                 logger.warning("purge failed: {}", exc)
             await asyncio.sleep(min(3600.0, max(1.0, self.settings.result_ttl / 10)))
+
+    def _control(self, body: bytes) -> None:
+        """A message on the control exchange: another process asks us to let a
+        session go because its client resumed there."""
+        try:
+            message = decode_json(body)
+            session_id, by = message["release"], message["by"]
+        except (ValueError, KeyError, TypeError):
+            logger.warning("ignoring a malformed control message")
+            return
+        session = self.sessions.get(session_id)
+        if by == self.owner or session is None or session.state == "closed":
+            return
+        task = asyncio.create_task(self._hand_over(session), name=f"handover-{session_id}")
+        self._tasks.append(task)
+        task.add_done_callback(self._tasks.remove)
+
+    async def _hand_over(self, session: Session) -> None:
+        """Finish the running request, start nothing more, close the socket
+        that carried the session with 4409 and release ownership."""
+        if session.close_connection is not None:
+            session.close_connection(CloseCode.TAKEN_OVER, "session resumed elsewhere")
+        await session.stop(self.settings.op_timeout)
+        self._session_closed(session)
+        logger.bind(session=session.session_id).info("session handed over")
 
     async def _recover_sessions(self) -> None:
         await asyncio.gather(
@@ -304,13 +330,21 @@ class Server:
         """Claim ownership; if another process holds a live lease, wait for it
         to release or lapse (bounded by one lease period)."""
         lease = self.settings.lease_seconds
-        deadline = time.monotonic() + lease + 1
+        # The owner finishes its running request first; a dead owner's lease lapses.
+        deadline = time.monotonic() + max(lease, self.settings.op_timeout) + 1
         delay = 0.05
+        asked = False
         while True:
             now = time.time()
             epoch = await self.store.claim_session(session_id, self.owner, now + lease, now)
             if epoch is not None:
                 return epoch
+            if not asked:
+                asked = True
+                with contextlib.suppress(BrokerError):
+                    await self.broker.send_control(
+                        encode_json({"release": session_id, "by": self.owner})
+                    )
             if time.monotonic() > deadline:
                 raise LookupError("busy: another server still owns it")
             await asyncio.sleep(delay)

@@ -43,6 +43,8 @@ class QueueFull(BrokerError):
 
 
 RecoverCallback = Callable[[], Awaitable[None]]
+ControlCallback = Callable[[bytes], None]
+CONTROL_EXCHANGE = "sessionq.control"
 
 
 class Broker:
@@ -62,20 +64,38 @@ class Broker:
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channels: list[AbstractChannel] = []
         self._rr = itertools.count()
-        self._up = asyncio.Event()
+        self._up = asyncio.Event()  # the connection and channel pool are usable
+        self._ready = asyncio.Event()  # ... and sessions have recovered on them
         self._closing = False
         self._supervisor: asyncio.Task[None] | None = None
         self._lost = asyncio.Event()
         self._on_recover: list[RecoverCallback] = []
+        self._on_control: ControlCallback | None = None
 
     # -- lifecycle -----------------------------------------------------------
     @property
     def connected(self) -> bool:
-        return self._up.is_set()
+        """Up and every session recovered: what submits and /readyz go by."""
+        return self._ready.is_set()
 
     def on_recover(self, callback: RecoverCallback) -> None:
         """Called (awaited) after every reconnect, once the pool is ready."""
         self._on_recover.append(callback)
+
+    def on_control(self, callback: ControlCallback) -> None:
+        """Receive every message sent to the control exchange (by any process,
+        this one included). Set before start()."""
+        self._on_control = callback
+
+    async def send_control(self, body: bytes) -> None:
+        """Tell every server process something (e.g. "release session S")."""
+        channel = self.pick_channel()
+        exchange = await channel.get_exchange(CONTROL_EXCHANGE, ensure=False)
+        try:
+            await exchange.publish(aio_pika.Message(body), routing_key="", mandatory=False,
+                                   timeout=self.publish_timeout)  # fmt: skip
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
+            raise BrokerError(f"control publish failed: {exc!r}") from exc
 
     async def start(self, wait: float | None = 30.0) -> None:
         """Start the supervisor and wait until the first connection is up
@@ -83,7 +103,7 @@ class Broker:
         self._supervisor = asyncio.create_task(self._supervise(), name="broker-supervisor")
         if wait is not None:
             try:
-                await asyncio.wait_for(self._up.wait(), wait)
+                await asyncio.wait_for(self._ready.wait(), wait)
             except TimeoutError:
                 raise BrokerError(f"no broker answered at {self.safe_url} in {wait:g}s") from None
 
@@ -104,7 +124,7 @@ class Broker:
         return f"{scheme}://{cred.split(':')[0]}:***@{tail}"
 
     async def wait_up(self) -> None:
-        await self._up.wait()
+        await self._ready.wait()
 
     async def _supervise(self) -> None:
         delay = 0.2
@@ -133,7 +153,9 @@ class Broker:
                     except Exception:
                         logger.exception("session recovery after reconnect failed")
             first = False
+            self._ready.set()
             await self._lost.wait()
+            self._ready.clear()
             self._up.clear()
             metrics.broker_up.set(0)
             logger.warning("broker connection lost; reconnecting")
@@ -151,20 +173,36 @@ class Broker:
         except BaseException:
             await connection.close()
             raise
+        if self._on_control is not None:
+            await self._listen_control(channels[0])
         connection.close_callbacks.add(self._connection_closed)
         self._connection = connection
         self._channels = channels
         logger.info("broker connected: {} ({} channels)", self.safe_url, len(channels))
 
-    def _connection_closed(self, _sender: Any, exc: BaseException | None = None) -> None:
-        if not self._closing:
+    async def _listen_control(self, channel: AbstractChannel) -> None:
+        exchange = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT)
+        queue = await channel.declare_queue(exclusive=True, auto_delete=True)
+        await queue.bind(exchange)
+        callback = self._on_control
+        assert callback is not None
+
+        async def deliver(message: aio_pika.abc.AbstractIncomingMessage) -> None:
+            callback(message.body)
+
+        await queue.consume(deliver, no_ack=True)
+
+    def _connection_closed(self, sender: Any, exc: BaseException | None = None) -> None:
+        # Callbacks of an earlier connection can fire after the next one is up:
+        # only the current connection's loss counts.
+        if not self._closing and sender is self._connection:
             self._lost.set()
 
-    def _channel_closed(self, _sender: Any, exc: BaseException | None = None) -> None:
+    def _channel_closed(self, sender: Any, exc: BaseException | None = None) -> None:
         # A channel the broker closed (consumer_timeout, precondition) takes its
         # sessions' consumers with it. Treat it as a lost connection: every
         # session recovers on fresh channels, from the store.
-        if not self._closing and self._up.is_set():
+        if not self._closing and self._up.is_set() and any(c is sender for c in self._channels):
             logger.warning("broker closed a channel: {}", exc)
             self._lost.set()
 
@@ -220,5 +258,5 @@ class Broker:
             raise BrokerError(f"publish failed: {exc!r}") from exc
 
     async def ping(self) -> None:
-        if not self._up.is_set() or self._connection is None or self._connection.is_closed:
+        if not self._ready.is_set() or self._connection is None or self._connection.is_closed:
             raise BrokerError("broker is unreachable")

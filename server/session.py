@@ -104,6 +104,7 @@ class Session:
         self._consumer_task: asyncio.Task[None] | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
+        self._recover_lock = asyncio.Lock()
         self._incarnation = 0
         self.log = logger.bind(session=session_id, user=username)
 
@@ -159,6 +160,10 @@ class Session:
         """After a lost channel/connection: wait for the old consumer to end its
         running request, then re-publish every unfinished request from the
         store into a fresh queue. Called by the manager on broker reconnect."""
+        async with self._recover_lock:
+            await self._recover()
+
+    async def _recover(self) -> None:
         if self.state == "closed":
             return
         old = self._consumer_task

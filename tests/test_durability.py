@@ -1,0 +1,159 @@
+"""Nothing accepted is lost: resume, broker restarts, takeovers.
+
+Each test checks, per seq, exactly one final frame across the live socket and
+the resume, in seq order, and that every accepted request is there.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+from conftest import (
+    UNIT,
+    Client,
+    ClientFactory,
+    ServerFactory,
+    finals_of,
+    rabbitmqctl,
+)
+
+from server.app import Server
+
+
+def assert_exactly_once(finals: list[dict[str, Any]], expected: int) -> None:
+    """One final per seq 1..expected, in seq order."""
+    seqs = [f["seq"] for f in finals]
+    assert seqs == list(range(1, expected + 1)), seqs
+
+
+async def resume(client: Client, session: str, after: int) -> dict[str, Any]:
+    await client.send({"type": "resume", "session": session, "after": after})
+    frames = await client.recv_until(lambda f: f["type"] in ("resumed", "error"))
+    return frames[-1]
+
+
+async def test_disconnect_mid_queue_then_resume(
+    server: Server, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    client = await user_client()
+    session, token = client.welcome["session"], client.welcome["token"]
+    for i in range(1, 7):
+        await client.submit(f"r{i}", "sleep", {"seconds": 0.05 * (i % 3)})
+    frames = await client.recv_until(lambda f: f.get("seq") == 1 and f["type"] == "result")
+    seen = finals_of(frames)
+    await client.close()  # gone with requests 2..6 queued or running
+
+    again = await connect(path=f"/ws?token={token}")
+    assert (await again.recv())["type"] == "welcome"
+    resumed = await resume(again, session, after=seen[-1]["seq"])
+    assert resumed["session"] == session and resumed["last_seq"] == 6
+    rest = finals_of(await again.finals(6 - len(seen)))
+    assert_exactly_once(seen + rest, 6)
+    assert [f["id"] for f in seen + rest] == [f"r{i}" for i in range(1, 7)]
+    # The connection now carries that session: new submits continue its seq.
+    await again.submit("r7", "echo", {"n": 7})
+    frames = await again.finals(1)
+    assert [(f["type"], f["seq"]) for f in frames] == [("accepted", 7), ("result", 7)]
+
+
+async def test_resume_takes_over_a_live_connection_with_4409(
+    user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    first = await user_client()
+    session, token = first.welcome["session"], first.welcome["token"]
+    await first.submit("a", "sleep", {"seconds": 0.3})
+    await first.submit("b", "echo", {"x": 1})
+    await first.recv_until(lambda f: f.get("id") == "b")
+    second = await connect(path=f"/ws?token={token}")
+    await second.recv()
+    resumed = await resume(second, session, after=0)
+    assert resumed["pending"] in (1, 2)
+    assert (await first.closed())[0] == 4409
+    finals = finals_of(await second.finals(2))
+    assert [(f["id"], f["seq"]) for f in finals] == [("a", 1), ("b", 2)]
+
+
+async def test_resume_of_unknown_or_foreign_session_is_not_found(
+    user_client: ClientFactory,
+) -> None:
+    alice, bob = await user_client(), await user_client()
+    for target in ("no-such-session", alice.welcome["session"]):
+        reply = await resume(bob, target, after=0)
+        assert (reply["type"], reply["code"]) == ("error", "not_found")
+    await bob.submit("still", "echo", {})
+    assert (await bob.recv())["seq"] == 1  # bob's own session is untouched
+
+
+async def test_resume_past_retention_is_expired(
+    server: Server, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    client = await user_client()
+    session, token = client.welcome["session"], client.welcome["token"]
+    await client.submit("old", "echo", {})
+    await client.finals(1)
+    await client.close()
+    await server.store.purge(time.time() + 1)  # what the retention sweep does
+    again = await connect(path=f"/ws?token={token}")
+    await again.recv()
+    reply = await resume(again, session, after=0)
+    assert reply["code"] in ("expired", "not_found")
+
+
+async def test_broker_restart_mid_queue(server: Server, user_client: ClientFactory) -> None:
+    client = await user_client()
+    for i in range(1, 6):
+        await client.submit(f"r{i}", "sleep", {"seconds": 0.3})
+    frames = await client.recv_until(lambda f: f.get("id") == "r5" and f["type"] == "accepted")
+    session = server.sessions[client.welcome["session"]]
+    queue_before = session.queue
+    await asyncio.to_thread(rabbitmqctl, "stop_app")
+    try:
+        async with asyncio.timeout(UNIT):
+            await server.broker._lost.wait()
+        # While the broker is away: /readyz says so, and a submit gets a clear error.
+        await client.submit("during", "echo", {})
+        refusal = await client.recv_until(lambda f: f.get("id") == "during")
+        assert refusal[-1]["code"] == "unavailable"
+        frames += refusal
+        ready = await server._ready()
+        assert ready.status_code == 503 and b"broker" in ready.body
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "start_app")
+    await asyncio.wait_for(server.broker.wait_up(), 6 * UNIT)
+    frames += await client.finals(5 - len(finals_of(frames)), timeout=6 * UNIT)
+    finals = finals_of(frames)
+    assert_exactly_once(finals, 5)
+    assert all(f["type"] == "result" for f in finals)  # accepted requests saw no error
+    assert session.queue is not queue_before  # it was re-created, not reused
+    await client.submit("after", "echo", {"ok": True})
+    done = finals_of(await client.finals(1, timeout=2 * UNIT))
+    assert done[0]["seq"] == 6 and done[0]["value"] == {"ok": True}
+
+
+async def test_second_server_takes_over_on_resume(
+    server_factory: ServerFactory, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    """Two server processes (two owners, one store): a resume that lands on the
+    other one takes the session over; the old socket gets 4409; FIFO and one
+    final per seq hold across the move."""
+    one = await server_factory()
+    two = await server_factory()
+    client = await user_client(target=one)
+    session, token = client.welcome["session"], client.welcome["token"]
+    await client.submit("r1", "sleep", {"seconds": 0.3})
+    for i in range(2, 6):
+        await client.submit(f"r{i}", "echo", {"i": i})
+    await client.recv_until(lambda f: f.get("id") == "r5")
+    other = await connect(target=two, path=f"/ws?token={token}")
+    await other.recv()
+    resumed = await resume(other, session, after=0)
+    assert resumed["type"] == "resumed" and resumed["last_seq"] == 5
+    code, _ = await client.closed()
+    assert code == 4409
+    finals = finals_of(await other.finals(5, timeout=3 * UNIT))
+    assert_exactly_once(finals, 5)
+    await other.submit("r6", "echo", {})
+    assert finals_of(await other.finals(1))[0]["seq"] == 6
+    assert session in two.sessions and session not in one.sessions
