@@ -129,7 +129,10 @@ class Server:
         if self.ws_server is not None:
             self.ws_server.server.close()  # stop listening; open sockets stay
         grace = self.settings.shutdown_grace
-        await asyncio.gather(*(s.stop(grace) for s in list(self.sessions.values())))
+        sessions = list(self.sessions.values())
+        await asyncio.gather(*(s.stop(grace) for s in sessions))
+        # Let the last results reach their clients before the sockets close.
+        await asyncio.gather(*(s.outbox.flush(1.0) for s in sessions if s.outbox is not None))
         if self.ws_server is not None:
             self.ws_server.close(close_connections=True)  # 1001 going away
             with contextlib.suppress(TimeoutError):

@@ -33,3 +33,20 @@ def blocking(args: dict[str, Any], ctx: Context) -> Any:
     time.sleep(args.get("seconds", 0.2))
     ctx.progress({"from": "thread"})
     return {"attempt": ctx.attempt}
+
+
+@op("test.attempt")
+async def attempt(args: dict[str, Any], ctx: Context) -> Any:
+    """Sleeps, then says which run of the request this was."""
+    await asyncio.sleep(args.get("seconds", 0))
+    return {"attempt": ctx.attempt}
+
+
+@op("test.die")
+async def die(args: dict[str, Any], ctx: Context) -> Any:
+    """Kills its own server process: a request that crashes every run."""
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+    await asyncio.sleep(60)

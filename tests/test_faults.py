@@ -1,0 +1,176 @@
+"""Fault injection against real server processes: SIGKILL and SIGTERM.
+
+Each test starts ``sessionq serve`` as a subprocess on a real SQLite file and
+the local RabbitMQ, kills or stops it mid-queue, starts another one on the
+same store, resumes, and checks that every accepted request ends in exactly
+one final frame, in seq order, across the live socket and the resume.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from conftest import BROKER_URL, PASSWORD, UNIT, Client, finals_of, unique_name
+
+SECRET = "fault-injection-secret-of-32-bytes-at-least"
+
+
+class ServerProcess:
+    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
+        self.proc = proc
+        self.port = port
+
+    @property
+    def url(self) -> str:
+        return f"ws://127.0.0.1:{self.port}/ws"
+
+    async def kill(self) -> None:
+        if self.proc.returncode is None:
+            self.proc.kill()
+        await self.proc.wait()
+
+    async def terminate(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return await asyncio.wait_for(self.proc.wait(), 4 * UNIT)
+
+
+Start = Callable[..., Awaitable[ServerProcess]]
+
+
+@pytest.fixture
+async def start_server(tmp_path: Path) -> AsyncIterator[Start]:
+    procs: list[ServerProcess] = []
+
+    async def start(**settings: Any) -> ServerProcess:
+        env = {
+            **os.environ,
+            "SESSIONQ_BROKER_URL": BROKER_URL,
+            "SESSIONQ_STORE_URL": f"sqlite:///{tmp_path}/sq.db",
+            "SESSIONQ_JWT_SECRET": SECRET,
+            "SESSIONQ_BCRYPT_ROUNDS": "4",
+            "SESSIONQ_LEASE_SECONDS": "1",
+            "SESSIONQ_OPS": "tests.ops_for_tests",
+            "SESSIONQ_LOG_FORMAT": "json",
+            "SESSIONQ_LOG_LEVEL": "WARNING",
+        }
+        env.update({f"SESSIONQ_{k.upper()}": str(v) for k, v in settings.items()})
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "serve", "--port", "0",
+            env=env, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 6 * UNIT)
+        assert b"listening on" in line, line
+        port = int(line.rsplit(b":", 1)[1].split(b"/")[0])
+        server = ServerProcess(proc, port)
+        procs.append(server)
+        return server
+
+    yield start
+    for server in procs:
+        await server.kill()
+
+
+async def open_client(server: ServerProcess, token: str | None = None) -> Client:
+    client = Client(await websockets.connect(server.url))
+    if token is None:
+        await client.send({"type": "register", "username": unique_name("f"), "password": PASSWORD})
+    else:
+        await client.send({"type": "auth", "token": token})
+    client.welcome = await client.recv()
+    assert client.welcome["type"] == "welcome", client.welcome
+    return client
+
+
+async def resume_all(
+    server: ServerProcess, welcome: dict[str, Any], after: int, count: int
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    client = await open_client(server, welcome["token"])
+    await client.send({"type": "resume", "session": welcome["session"], "after": after})
+    frames = await client.recv_until(lambda f: f["type"] in ("resumed", "error"), 4 * UNIT)
+    resumed = frames[-1]
+    assert resumed["type"] == "resumed", resumed
+    rest = finals_of(await client.finals(count, timeout=4 * UNIT))
+    await client.close()
+    return resumed, rest
+
+
+async def test_sigkill_mid_queue_then_restart_and_resume(start_server: Start) -> None:
+    first = await start_server()
+    client = await open_client(first)
+    await client.submit("r1", "echo", {"n": 1})
+    await client.submit("r2", "test.attempt", {"seconds": 1})
+    for i in range(3, 6):
+        await client.submit(f"r{i}", "echo", {"n": i})
+    frames = await client.recv_until(lambda f: f.get("id") == "r1" and f["type"] == "result")
+    seen = finals_of(frames)
+    assert [f["seq"] for f in seen] == [1]
+    await first.kill()  # r2 is running, r3..r5 queued
+
+    second = await start_server()
+    resumed, rest = await resume_all(second, client.welcome, after=1, count=4)
+    assert resumed["last_seq"] == 5
+    finals = seen + rest
+    assert [f["seq"] for f in finals] == [1, 2, 3, 4, 5]  # exactly once each, in order
+    assert rest[0]["value"] == {"attempt": 2}  # r2 ran again after the crash
+    assert [f["value"] for f in rest[1:]] == [{"n": 3}, {"n": 4}, {"n": 5}]
+
+
+async def test_request_that_keeps_killing_its_process_ends_crashed(start_server: Start) -> None:
+    server = await start_server(max_attempts=2)
+    client = await open_client(server)
+    await client.submit("poison", "test.die")
+    await client.submit("after", "echo", {"ok": True})
+    await client.closed(4 * UNIT)  # the process died under it
+    await server.kill()
+    for _ in range(2):  # attempt 2 kills the next process as well; attempt 3 is refused
+        server = await start_server(max_attempts=2)
+        again = await open_client(server, client.welcome["token"])
+        await again.send({"type": "resume", "session": client.welcome["session"], "after": 0})
+        frames = []
+        try:
+            frames = await again.finals(2, timeout=4 * UNIT)
+            break
+        except websockets.ConnectionClosed:
+            await server.kill()
+    finals = finals_of(frames)
+    assert [(f["id"], f["seq"], f.get("code")) for f in finals] == [
+        ("poison", 1, "crashed"), ("after", 2, None)
+    ]  # fmt: skip
+    assert finals[1]["value"] == {"ok": True}
+
+
+async def test_sigterm_finishes_running_keeps_the_rest(start_server: Start) -> None:
+    first = await start_server(shutdown_grace=3)
+    client = await open_client(first)
+    await client.submit("r1", "test.attempt", {"seconds": 0.5})
+    for i in range(2, 5):
+        await client.submit(f"r{i}", "echo", {"n": i})
+    await client.recv_until(lambda f: f.get("id") == "r4" and f["type"] == "accepted")
+    stop = asyncio.create_task(first.terminate())
+    frames: list[dict[str, Any]] = []
+    try:
+        async with asyncio.timeout(4 * UNIT):
+            while True:
+                frames.append(await client.recv())
+    except websockets.ConnectionClosed:
+        pass
+    assert client.ws.close_code == 1001
+    assert await stop == 0
+    seen = finals_of(frames)
+    assert seen and seen[0]["id"] == "r1" and seen[0]["value"] == {"attempt": 1}
+
+    second = await start_server()
+    after = seen[-1]["seq"]
+    resumed, rest = await resume_all(second, client.welcome, after=after, count=4 - after)
+    assert resumed["last_seq"] == 4
+    assert [f["seq"] for f in seen + rest] == [1, 2, 3, 4]
+    assert all(f["type"] == "result" for f in seen + rest)
