@@ -36,7 +36,7 @@ from aio_pika.abc import (
 from loguru import logger
 
 from consumers.context import KV, Context
-from consumers.registry import OpError, Registry
+from consumers.registry import Operation, OpError, Registry
 from protocol import ErrorCode, decode_json, encode_error, encode_progress, encode_result
 from server import metrics
 
@@ -260,50 +260,73 @@ class SessionConsumer:
             _cpu=self.cpu_pool,
         )  # fmt: skip
         timeout = op.timeout if op.timeout is not None else self.op_timeout
-        if self._cancel_seq == seq:
-            self._cancel_seq = None
-            return encode_error(ErrorCode.CANCELLED, "cancelled before it started", rid, seq), True
-        if op.is_async:
-            coro = op.func(args, ctx)
-        else:
-            coro = loop.run_in_executor(None, functools.partial(op.func, args, ctx))
-        handler = asyncio.ensure_future(_with_timeout(coro, timeout))
-        self._handler = handler
+        tries = 1 + op.retries
         started = time.perf_counter()
         outcome = "result"
         try:
+            for attempt_no in range(1, tries + 1):
+                ctx.retry = attempt_no - 1
+                final, failed, outcome, retryable = await self._invoke(op, args, ctx, timeout)
+                if not (failed and retryable) or attempt_no == tries:
+                    return final, failed
+                delay = op.retry_backoff * 2 ** (attempt_no - 1)
+                port_log = logger.bind(session=port.session_id)
+                port_log.info(
+                    "op {} seq {} failed ({}); retry in {:.2f}s", opname, seq, outcome, delay
+                )
+                await asyncio.sleep(delay)
+            raise AssertionError("unreachable")
+        finally:
+            metrics.request_seconds.labels(opname).observe(time.perf_counter() - started)
+            metrics.requests_finished.labels(opname, outcome).inc()
+
+    async def _invoke(
+        self, op: Operation, args: dict[str, Any], ctx: Context, timeout: float
+    ) -> tuple[bytes, bool, str, bool]:
+        """Run the handler once: (final frame, failed, outcome, retryable)."""
+        rid, seq = ctx.id, ctx.seq
+        if self._cancel_seq == seq:
+            self._cancel_seq = None
+            frame = encode_error(ErrorCode.CANCELLED, "cancelled before it started", rid, seq)
+            return frame, True, "cancelled", False
+        if op.is_async:
+            coro = op.func(args, ctx)
+        else:
+            coro = asyncio.get_running_loop().run_in_executor(
+                None, functools.partial(op.func, args, ctx)
+            )
+        handler = asyncio.ensure_future(_with_timeout(coro, timeout))
+        self._handler = handler
+        try:
             value = await handler
-            return encode_result(rid, seq, value), False
         except _Expired:
-            outcome = "timeout"
-            return encode_error(
-                ErrorCode.TIMEOUT, f"op took longer than {timeout:g}s", rid, seq
-            ), True
+            frame = encode_error(ErrorCode.TIMEOUT, f"op took longer than {timeout:g}s", rid, seq)
+            return frame, True, "timeout", True
         except asyncio.CancelledError:
             task = asyncio.current_task()
             if self._cancel_seq == seq and task is not None and not task.cancelling():
-                outcome = "cancelled"
-                return encode_error(ErrorCode.CANCELLED, "cancelled while running", rid, seq), True
+                frame = encode_error(ErrorCode.CANCELLED, "cancelled while running", rid, seq)
+                return frame, True, "cancelled", False
             raise
         except OpError as exc:
-            outcome = exc.code
-            return encode_error(exc.code, exc.message, rid, seq), True
-        except TypeError as exc:
-            if "serializ" in str(exc):  # the result could not be encoded
-                outcome = "handler_error"
-                return encode_error(ErrorCode.HANDLER_ERROR, str(exc), rid, seq), True
-            outcome = "handler_error"
-            logger.opt(exception=exc).bind(session=port.session_id).warning("op {} failed", opname)
-            return encode_error(ErrorCode.HANDLER_ERROR, _describe(exc), rid, seq), True
+            return encode_error(exc.code, exc.message, rid, seq), True, exc.code, exc.retryable
         except Exception as exc:
-            outcome = "handler_error"
-            logger.opt(exception=exc).bind(session=port.session_id).warning("op {} failed", opname)
-            return encode_error(ErrorCode.HANDLER_ERROR, _describe(exc), rid, seq), True
+            logger.opt(exception=exc).bind(session=ctx.session).warning("op {} failed", op.name)
+            frame = encode_error(ErrorCode.HANDLER_ERROR, _describe(exc), rid, seq)
+            return frame, True, "handler_error", True
         finally:
             self._handler = None
             self._cancel_seq = None
-            metrics.request_seconds.labels(opname).observe(time.perf_counter() - started)
-            metrics.requests_finished.labels(opname, outcome).inc()
+        try:
+            return encode_result(rid, seq, value), False, "result", False
+        except TypeError as exc:
+            message = f"the op returned a value that is not JSON: {exc}"
+            return (
+                encode_error(ErrorCode.HANDLER_ERROR, message, rid, seq),
+                True,
+                "handler_error",
+                False,
+            )
 
 
 class _Expired(Exception):

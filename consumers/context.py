@@ -42,6 +42,7 @@ class Context:
     _emit_progress: Callable[[Any], None]
     _loop: asyncio.AbstractEventLoop
     _cpu: Executor | None
+    retry: int = 0  # 0 on the first try; n on the n-th retry of an op declared with retries
 
     def progress(self, data: Any) -> None:
         try:

@@ -29,10 +29,11 @@ from typing import Any
 class OpError(Exception):
     """Raised by a handler to end its request with its own error code."""
 
-    def __init__(self, code: str, message: str) -> None:
+    def __init__(self, code: str, message: str, *, retryable: bool = False) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
+        self.retryable = retryable
 
 
 class BadArgs(OpError):
@@ -54,6 +55,8 @@ class Operation:
     timeout: float | None  # None: the server's default (SESSIONQ_OP_TIMEOUT)
     validate: Validator | None
     cancellable: bool  # async handlers can be interrupted by cancel
+    retries: int = 0  # extra tries after a failure (exception, timeout, retryable OpError)
+    retry_backoff: float = 0.1  # seconds before the first retry; doubles each time
 
 
 class Registry:
@@ -66,12 +69,28 @@ class Registry:
         *,
         timeout: float | None = None,
         validate: Validator | None = None,
+        retries: int = 0,
+        retry_backoff: float = 0.1,
     ) -> Callable[[Handler], Handler]:
+        """Register ``func`` as operation ``name``.
+
+        ``timeout``: seconds before the request ends with ``timeout`` (default:
+        SESSIONQ_OP_TIMEOUT). ``retries``: how many more times to run it after
+        an exception, a timeout or ``OpError(..., retryable=True)``, waiting
+        ``retry_backoff`` seconds, doubled each time; the last failure is the
+        request's error and stays in the log as failed (``sessionq
+        dead-letters``). Retried handlers must be idempotent.
+        """
+        if retries < 0 or retry_backoff < 0:
+            raise ValueError("retries and retry_backoff must not be negative")
+
         def register(func: Handler) -> Handler:
             if name in self._ops:
                 raise ValueError(f"operation {name!r} is already registered")
             is_async = inspect.iscoroutinefunction(func)
-            self._ops[name] = Operation(name, func, is_async, timeout, validate, is_async)
+            self._ops[name] = Operation(
+                name, func, is_async, timeout, validate, is_async, retries, retry_backoff
+            )
             return func
 
         return register

@@ -117,6 +117,7 @@ class Server:
         self.port = self.ws_server.sockets[0].getsockname()[1]
         self._tasks.append(asyncio.create_task(self._renew_leases(), name="leases"))
         self._tasks.append(asyncio.create_task(self._purge(), name="purge"))
+        self._tasks.append(asyncio.create_task(self._adopt_orphans(), name="orphans"))
         logger.info("sessionq serving on {}:{} as {}", settings.host, self.port, self.owner)
 
     async def stop(self) -> None:
@@ -154,6 +155,36 @@ class Server:
                 await self.store.renew_leases(self.owner, time.time() + lease)
             except StoreError as exc:
                 logger.warning("lease renewal failed: {}", exc)
+
+    async def _adopt_orphans(self) -> None:
+        """Sessions with accepted work and no live owner (their process died
+        or shut down) are claimed and drained here, as after a disconnect:
+        the work runs and its results wait in the store for ``resume``."""
+        while True:
+            if self.broker.connected and not self.stopping:
+                try:
+                    for session_id in await self.store.orphaned_sessions(time.time()):
+                        if session_id not in self.sessions:
+                            await self._adopt(session_id)
+                except StoreError as exc:
+                    logger.warning("orphan sweep failed: {}", exc)
+            await asyncio.sleep(self.settings.lease_seconds)
+
+    async def _adopt(self, session_id: str) -> None:
+        now = time.time()
+        epoch = await self.store.claim_session(
+            session_id, self.owner, now + self.settings.lease_seconds, now
+        )
+        record = await self.store.get_session(session_id)
+        if epoch is None or record is None:
+            return  # another process got there first
+        session = self._make_session(session_id, record.username, epoch, record.last_seq)
+        session.state = "draining"
+        rows = await self.store.unfinished(session_id)
+        await session.start([(r.seq, r.client_id, r.op, r.args) for r in rows])
+        if not session.unfinished:
+            session.detach(None)
+        logger.bind(session=session_id).info("adopted orphaned session: {} to run", len(rows))
 
     async def _purge(self) -> None:
         while True:

@@ -185,7 +185,7 @@ class Session:
         if self.state != "closed":
             self.state = "open"
 
-    def detach(self, outbox: Outbox) -> None:
+    def detach(self, outbox: Outbox | None) -> None:
         """The connection carrying this session went away: drain, then close."""
         if self.outbox is not outbox:
             return  # a newer connection already carries the session

@@ -50,3 +50,16 @@ async def die(args: dict[str, Any], ctx: Context) -> Any:
 
     os.kill(os.getpid(), signal.SIGKILL)
     await asyncio.sleep(60)
+
+
+@op("test.flaky", retries=3, retry_backoff=0.01)
+async def flaky(args: dict[str, Any], ctx: Context) -> Any:
+    """Fails on its first ``fail`` tries, then succeeds."""
+    if ctx.retry < args.get("fail", 0):
+        raise OpError("busy", f"try {ctx.retry} failed", retryable=True)
+    return {"tries": ctx.retry + 1}
+
+
+@op("test.doomed", retries=2, retry_backoff=0.01)
+async def doomed(args: dict[str, Any], ctx: Context) -> Any:
+    raise ConnectionError(f"downstream refused try {ctx.retry + 1}")

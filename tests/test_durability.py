@@ -7,9 +7,15 @@ the resume, in seq order, and that every accepted request is there.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
+import shutil
+import subprocess
 import time
+from pathlib import Path
 from typing import Any
 
+import pytest
 from conftest import (
     UNIT,
     Client,
@@ -157,3 +163,39 @@ async def test_second_server_takes_over_on_resume(
     await other.submit("r6", "echo", {})
     assert finals_of(await other.finals(1))[0]["seq"] == 6
     assert session in two.sessions and session not in one.sessions
+
+
+async def test_store_write_failure_refuses_instead_of_accepting(
+    tmp_path: Path, server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    """A real full disk under the SQLite file: submits are refused with a clear
+    error (never accepted), and work again once there is room."""
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("needs root to mount a small tmpfs for the full-disk fault")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    await asyncio.to_thread(
+        subprocess.run, ["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)], check=True
+    )
+    try:
+        server = await server_factory(store_url=f"sqlite:///{disk}/sq.db")
+        client = await user_client(target=server)
+        await client.submit("before", "echo", {})
+        assert finals_of(await client.finals(1))[0]["seq"] == 1
+        filler = disk / "filler"
+        with filler.open("wb") as f:  # take every free byte
+            with contextlib.suppress(OSError):
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+        await client.submit("full", "echo", {"blob": "x" * 200_000})
+        reply = await client.recv()
+        assert (reply["type"], reply["id"], reply["code"]) == ("error", "full", "unavailable")
+        assert "seq" not in reply
+        filler.unlink()
+        await client.submit("after", "echo", {"ok": 1})
+        frames = await client.finals(1)
+        assert [(f["type"], f["seq"]) for f in frames] == [("accepted", 2), ("result", 2)]
+        await server.stop()
+    finally:
+        await asyncio.to_thread(subprocess.run, ["umount", "-l", str(disk)], check=False)

@@ -90,6 +90,15 @@ async def open_client(server: ServerProcess, token: str | None = None) -> Client
     return client
 
 
+async def wait_running(client: Client, rid: str) -> None:
+    async with asyncio.timeout(UNIT):
+        while True:
+            await client.send({"type": "status", "id": rid})
+            frames = await client.recv_until(lambda f: f["type"] == "status")
+            if frames[-1].get("state") == "running":
+                return
+
+
 async def resume_all(
     server: ServerProcess, welcome: dict[str, Any], after: int, count: int
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -113,6 +122,7 @@ async def test_sigkill_mid_queue_then_restart_and_resume(start_server: Start) ->
     frames = await client.recv_until(lambda f: f.get("id") == "r1" and f["type"] == "result")
     seen = finals_of(frames)
     assert [f["seq"] for f in seen] == [1]
+    await wait_running(client, "r2")
     await first.kill()  # r2 is running, r3..r5 queued
 
     second = await start_server()
@@ -174,3 +184,31 @@ async def test_sigterm_finishes_running_keeps_the_rest(start_server: Start) -> N
     assert resumed["last_seq"] == 4
     assert [f["seq"] for f in seen + rest] == [1, 2, 3, 4]
     assert all(f["type"] == "result" for f in seen + rest)
+
+
+async def test_work_of_a_dead_process_runs_without_waiting_for_resume(start_server: Start) -> None:
+    """A live process adopts a session whose owner died: its accepted requests
+    run (as after a disconnect) before anyone resumes it."""
+    first = await start_server()
+    client = await open_client(first)
+    await client.submit("r1", "test.attempt", {"seconds": 1})
+    await client.submit("r2", "kv.put", {"key": "adopted", "value": True})
+    await client.recv_until(lambda f: f.get("id") == "r2" and f["type"] == "accepted")
+    await wait_running(client, "r1")
+    await first.kill()
+    second = await start_server()
+    # Same user, its own new session: watch the user's kv data until the dead
+    # session's last request has written it (each probe is a real request).
+    watcher = await open_client(second, client.welcome["token"])
+    probe = 0
+    async with asyncio.timeout(4 * UNIT):
+        while True:
+            probe += 1
+            await watcher.submit(f"p{probe}", "kv.get", {"key": "adopted"})
+            if finals_of(await watcher.finals(1))[0]["value"]["found"]:
+                break
+    resumed, finals = await resume_all(second, client.welcome, after=0, count=2)
+    assert resumed["pending"] == 0
+    assert [(f["seq"], f["value"]) for f in finals] == [
+        (1, {"attempt": 2}), (2, {"key": "adopted", "ok": True})
+    ]  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 import urllib.request
 from typing import Any
@@ -492,3 +493,27 @@ async def _wait_state(client: Client, rid: str, state: str) -> None:
             frames = await client.recv_until(lambda f: f["type"] == "status")
             if frames[-1].get("state") == state:
                 return
+
+
+async def test_retryable_ops_retry_then_dead_letter(server_factory: ServerFactory,
+                                                    user_client: ClientFactory) -> None:  # fmt: skip
+    server = await server_factory(ops="tests.ops_for_tests")
+    client = await user_client(target=server)
+    await client.submit("f", "test.flaky", {"fail": 2})
+    await client.submit("d", "test.doomed")
+    await client.submit("e", "echo", {})
+    finals = finals_of(await client.finals(3))
+    assert finals[0]["value"] == {"tries": 3}
+    assert (finals[1]["code"], finals[1]["message"]) == (
+        "handler_error", "ConnectionError: downstream refused try 3"
+    )  # fmt: skip
+    assert "value" in finals[2]
+    # The failed request stays in the log where an operator can list it.
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "dead-letters",
+        "--store-url", server.settings.store_url, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 2 * UNIT)
+    assert proc.returncode == 0
+    line = next(ln for ln in out.decode().splitlines() if client.welcome["session"] in ln)
+    assert "op=test.doomed" in line and "code=handler_error" in line and "seq=2" in line

@@ -115,6 +115,21 @@ async def test_claim_waits_for_the_lease_and_always_bumps_the_epoch(store: Store
     assert await store.claim_session("nope", "B", lease_until=300.0, now=151.0) is None
 
 
+async def test_orphaned_sessions_are_those_with_work_and_no_live_owner(store: Store) -> None:
+    await store.create_session("live", "alice", "A", lease_until=100.0)
+    await store.create_session("dead", "alice", "B", lease_until=40.0)
+    await store.create_session("idle", "alice", "B", lease_until=40.0)
+    await store.create_session("freed", "alice", "C", lease_until=100.0)
+    for sid in ("live", "dead", "freed"):
+        await store.add_requests(sid, 1, reqs(1, 2), now=5.0)
+    await store.add_requests("idle", 1, reqs(1), now=5.0)
+    await store.finish_request("idle", 1, 1, '{"type":"result"}', False, now=6.0)
+    assert await store.release_session("freed", 1)
+    assert sorted(await store.orphaned_sessions(now=50.0)) == ["dead", "freed"]
+    assert sorted(await store.orphaned_sessions(now=150.0)) == ["dead", "freed", "live"]
+    assert len(await store.orphaned_sessions(now=150.0, limit=1)) == 1
+
+
 async def test_release_needs_the_current_epoch_and_frees_the_session(store: Store) -> None:
     await store.create_session("s1", "alice", "A", lease_until=FAR)
     epoch = await store.claim_session("s1", "A", lease_until=FAR, now=0.0)

@@ -142,6 +142,12 @@ class Store(abc.ABC):
         """
 
     @abc.abstractmethod
+    async def orphaned_sessions(self, now: float, limit: int = 100) -> list[str]:
+        """Ids of sessions that have unfinished requests but no live owner
+        (no owner, or a lease that ended before ``now``): work whose process
+        died or shut down, which a live process should adopt and drain."""
+
+    @abc.abstractmethod
     async def release_session(self, session_id: str, epoch: int) -> bool:
         """Give ownership up (owner cleared, lease 0) if ``epoch`` is current."""
 

@@ -202,6 +202,20 @@ class MongoStore(Store):
         )
 
     @translated
+    async def orphaned_sessions(self, now: float, limit: int = 100) -> list[str]:
+        # Sessions with unfinished requests (a handful at any time), then those
+        # without a live owner among them.
+        candidates = await self._requests.distinct("session_id", {"state": NOT_DONE})
+        if not candidates:
+            return []
+        cursor = self._sessions.find(
+            {"_id": {"$in": candidates},
+             "$or": [{"owner": None}, {"lease_until": {"$lt": now}}]},
+            {"_id": True},
+        ).limit(limit)  # fmt: skip
+        return [doc["_id"] for doc in await cursor.to_list()]
+
+    @translated
     async def claim_session(
         self, session_id: str, owner: str, lease_until: float, now: float
     ) -> int | None:

@@ -267,6 +267,19 @@ class SqliteStore(Store):
         )
         return None if row is None else SessionRecord(*row)
 
+    async def orphaned_sessions(self, now: float, limit: int = 100) -> list[str]:
+        rows = await self._read(
+            lambda c: c.execute(
+                "SELECT s.session_id FROM sessions s"
+                " WHERE (s.owner IS NULL OR s.lease_until < ?)"
+                " AND EXISTS (SELECT 1 FROM requests r"
+                "             WHERE r.session_id = s.session_id AND r.state != 'done')"
+                " LIMIT ?",
+                (now, limit),
+            ).fetchall()
+        )
+        return [row[0] for row in rows]
+
     async def claim_session(
         self, session_id: str, owner: str, lease_until: float, now: float
     ) -> int | None:
