@@ -189,7 +189,11 @@ class Server:
     async def _purge(self) -> None:
         while True:
             try:
-                removed = await self.store.purge(time.time() - self.settings.result_ttl)
+                ttl = self.settings.result_ttl
+                # Session records outlive their results, so that a late resume
+                # is told "expired" rather than "not_found".
+                now = time.time()
+                removed = await self.store.purge(now - ttl, sessions_before=now - 8 * ttl)
                 if removed:
                     logger.info("purged {} finished requests past retention", removed)
             except StoreError as exc:

@@ -222,11 +222,13 @@ class Store(abc.ABC):
         dead-letter list an operator reads)."""
 
     @abc.abstractmethod
-    async def purge(self, finished_before: float) -> int:
-        """Delete DONE requests finished before the given time, and sessions
-        with no request left that were created before it and whose lease ended
-        before it (a live owner may be idle for longer than the TTL). Return how
-        many requests were deleted."""
+    async def purge(self, finished_before: float, sessions_before: float | None = None) -> int:
+        """Delete DONE requests finished before ``finished_before``, and sessions
+        with no request left that were created, and whose lease ended, before
+        ``sessions_before`` (default: the same time; a live owner may be idle
+        for longer than the TTL). Keeping session records longer than results
+        lets ``resume`` tell "expired" from "unknown". Return how many requests
+        were deleted."""
 
     # -- key-value (per user) ------------------------------------------------
     @abc.abstractmethod

@@ -413,13 +413,14 @@ class MongoStore(Store):
         return [_request(doc) for doc in await cursor.to_list()]
 
     @translated
-    async def purge(self, finished_before: float) -> int:
+    async def purge(self, finished_before: float, sessions_before: float | None = None) -> int:
         result = await self._requests.delete_many(
             {"state": DONE, "finished_at": {"$lt": finished_before}}
         )
         # A session still leased (a live owner, possibly idle for longer than
         # the TTL) is kept even if it has no request left.
-        stale = {"created_at": {"$lt": finished_before}, "lease_until": {"$lt": finished_before}}
+        cutoff = finished_before if sessions_before is None else sessions_before
+        stale = {"created_at": {"$lt": cutoff}, "lease_until": {"$lt": cutoff}}
         cursor = self._sessions.find(stale, {"_id": True}).batch_size(PURGE_CHUNK)
         chunk: list[str] = []
         async for doc in cursor:

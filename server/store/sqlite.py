@@ -459,7 +459,7 @@ class SqliteStore(Store):
         )
         return [_request(row) for row in rows]
 
-    async def purge(self, finished_before: float) -> int:
+    async def purge(self, finished_before: float, sessions_before: float | None = None) -> int:
         deleted = await self._delete_in_chunks(
             "DELETE FROM requests WHERE rowid IN (SELECT rowid FROM requests"
             " WHERE state = 'done' AND finished_at < ? LIMIT ?)",
@@ -471,7 +471,7 @@ class SqliteStore(Store):
             "DELETE FROM sessions WHERE rowid IN (SELECT rowid FROM sessions s"
             " WHERE created_at < ?1 AND lease_until < ?1 AND NOT EXISTS"
             " (SELECT 1 FROM requests r WHERE r.session_id = s.session_id) LIMIT ?2)",
-            finished_before,
+            finished_before if sessions_before is None else sessions_before,
         )
         return deleted
 
