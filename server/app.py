@@ -42,7 +42,7 @@ from server.settings import Settings
 from server.store import Store, StoreError, open_store
 
 SECURITY_HEADERS = {
-    "Content-Security-Policy": "default-src 'self'; connect-src 'self' ws: wss:",
+    "Content-Security-Policy": "default-src 'self'",
     "X-Content-Type-Options": "nosniff",
     "Referrer-Policy": "no-referrer",
 }

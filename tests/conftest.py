@@ -20,8 +20,12 @@ import pytest
 import websockets
 from websockets.asyncio.client import ClientConnection
 
+from server import logs
 from server.app import Server
 from server.settings import Settings
+
+# The server objects run in the test's process: show warnings and worse only.
+logs.configure("text", os.environ.get("SESSIONQ_TEST_LOG_LEVEL", "WARNING"))
 
 UNIT = float(os.environ.get("SESSIONQ_TEST_UNIT", "5"))
 BROKER_URL = os.environ.get("SESSIONQ_TEST_BROKER_URL", "amqp://guest:guest@127.0.0.1:5672/")

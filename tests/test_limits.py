@@ -1,0 +1,175 @@
+"""Limits and settings: token expiry, slow readers, submit rate, bad settings."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+
+import pytest
+import websockets
+
+from conftest import PASSWORD, UNIT, ClientFactory, ServerFactory, finals_of, unique_name
+from server.settings import Settings, SettingsError
+
+
+async def test_token_expiry_closes_with_4401_after_token_expired(
+    server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    server = await server_factory(token_ttl=1)
+    client = await user_client(target=server)
+    session = client.welcome["session"]
+    drained = asyncio.get_running_loop().create_future()
+    server.sessions[session].on_closed = drained.set_result
+    await client.submit("q", "sleep", {"seconds": 0.2})
+    frames = await client.recv_until(lambda f: f.get("code") == "token_expired", timeout=3 * UNIT)
+    assert (await client.closed())[0] == 4401
+    assert "seq" not in frames[-1]
+    # Queued work still drained: its result is there for resume.
+    await asyncio.wait_for(drained, UNIT)
+    assert [seq for seq, _ in await server.store.finals_after(session, 0)] == [1]
+
+
+async def test_fresh_auth_frame_keeps_the_connection(
+    server_factory: ServerFactory, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    server = await server_factory(token_ttl=2)
+    client = await user_client(target=server)
+    first_expiry = client.welcome["expires_at"]
+    fresh = client.welcome
+    while fresh["expires_at"] <= first_expiry:  # until a token from a later second
+        other = await connect(target=server)
+        await other.send(
+            {"type": "login", "username": client.welcome["user"], "password": PASSWORD}
+        )
+        fresh = await other.recv()
+        await other.close()
+    await client.send({"type": "auth", "token": fresh["token"]})
+    renewed = await client.recv()
+    assert renewed["type"] == "welcome"
+    assert renewed["session"] == client.welcome["session"]
+    assert renewed["expires_at"] == fresh["expires_at"]
+    await client.recv_until(lambda f: f.get("code") == "token_expired", timeout=4 * UNIT)
+    assert time.time() >= fresh["expires_at"] - 0.05  # not at the first expiry
+
+
+async def test_a_client_that_does_not_read_is_closed_with_4503_and_loses_nothing(
+    server_factory: ServerFactory, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    server = await server_factory(slow_client_timeout=0.3)
+    reader = await user_client(target=server)
+    session, token = reader.welcome["session"], reader.welcome["token"]
+    # A client whose library stops reading after one buffered frame.
+    slow = await connect(target=server, path=f"/ws?token={token}", max_queue=1)
+    await slow.recv()
+    await slow.send({"type": "resume", "session": session, "after": 0})
+    blob = "x" * 300_000
+    for i in range(30):
+        await slow.submit(f"b{i}", "echo", {"blob": blob, "i": i})
+    # Not reading: the server gives up on this socket (its outbox closes) while
+    # the other sessions and the broker acks go on.
+    outbox = server.sessions[session].outbox
+    assert outbox is not None
+    async with asyncio.timeout(4 * UNIT):
+        while not outbox.closed:
+            await asyncio.sleep(0.05)
+    code, _ = await slow.closed(timeout=6 * UNIT)  # reads the backlog, then the close
+    assert code == 4503
+    # Everything was stored: resume from a client that reads gets all 30.
+    again = await connect(target=server, path=f"/ws?token={token}")
+    await again.recv()
+    await again.send({"type": "resume", "session": session, "after": 0})
+    frames = await again.recv_until(lambda f: f["type"] == "resumed")
+    finals = finals_of(await again.finals(30, timeout=6 * UNIT))
+    assert frames[-1]["last_seq"] == 30
+    assert [f["value"]["i"] for f in finals] == list(range(30))
+
+
+async def test_submit_rate_limit_per_session(
+    server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    server = await server_factory(max_submits_per_second=5)
+    client = await user_client(target=server)
+    for i in range(8):
+        await client.submit(f"r{i}", "echo", {})
+    frames = await client.finals(5)
+    limited = [f for f in frames if f.get("code") == "rate_limited"]
+    assert len(limited) == 3 and all("seq" not in f for f in limited)
+    assert [f["seq"] for f in finals_of(frames)] == [1, 2, 3, 4, 5]
+
+
+@pytest.mark.parametrize(
+    ("env", "names"),
+    [
+        ({"SESSIONQ_PORT": "70000"}, "SESSIONQ_PORT"),
+        ({"SESSIONQ_PORT": "http"}, "SESSIONQ_PORT"),
+        ({"SESSIONQ_BROKER_URL": "redis://x"}, "SESSIONQ_BROKER_URL"),
+        ({"SESSIONQ_STORE_URL": "postgres://x"}, "SESSIONQ_STORE_URL"),
+        ({"SESSIONQ_ENV": "production"}, "SESSIONQ_JWT_SECRET"),
+        ({"SESSIONQ_ENV": "production", "SESSIONQ_JWT_SECRET": "short"}, "SESSIONQ_JWT_SECRET"),
+        ({"SESSIONQ_MAX_PENDING": "0"}, "SESSIONQ_MAX_PENDING"),
+        ({"SESSIONQ_OPEN_REGISTRATION": "maybe"}, "SESSIONQ_OPEN_REGISTRATION"),
+        ({"SESSIONQ_LOG_FORMAT": "xml"}, "SESSIONQ_LOG_FORMAT"),
+        ({"SESSIONQ_AMQP_CHANNELS": "5000"}, "SESSIONQ_AMQP_CHANNELS"),
+    ],
+)
+def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
+    with pytest.raises(SettingsError, match=names):
+        Settings.from_env(env)
+
+
+def test_settings_read_the_environment_and_flags_win() -> None:
+    settings = Settings.from_env(
+        {"SESSIONQ_PORT": "9000", "SESSIONQ_ALLOWED_ORIGINS": "https://a, https://b",
+         "SESSIONQ_OPEN_REGISTRATION": "false", "SESSIONQ_MAX_SLEEP": "2.5"},
+        port="9100",
+    )  # fmt: skip
+    assert settings.port == 9100
+    assert settings.allowed_origins == ("https://a", "https://b")
+    assert settings.open_registration is False and settings.max_sleep == 2.5
+
+
+async def test_serve_with_a_bad_setting_exits_2_with_a_clear_message() -> None:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "serve", "--max-pending", "-3",
+        stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 2 * UNIT)
+    assert proc.returncode == 2
+    assert b"SESSIONQ_MAX_PENDING" in err and b"greater than 0" in err
+
+
+async def test_user_add_then_login(server_factory: ServerFactory, connect: ClientFactory) -> None:
+    server = await server_factory()
+    name = unique_name("cli")
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "user", "add", name, "--password-stdin",
+        "--store-url", server.settings.store_url,
+        stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(PASSWORD.encode() + b"\n"), 3 * UNIT)
+    assert proc.returncode == 0, out
+    client = await connect(target=server)
+    await client.send({"type": "login", "username": name, "password": PASSWORD})
+    assert (await client.recv())["type"] == "welcome"
+    again = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "user", "add", name.upper(), "--password-stdin",
+        "--store-url", server.settings.store_url,
+        stdin=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(again.communicate(PASSWORD.encode() + b"\n"), 3 * UNIT)
+    assert again.returncode == 1 and b"exists" in err
+
+
+async def test_registration_can_be_closed(
+    server_factory: ServerFactory, connect: ClientFactory
+) -> None:
+    server = await server_factory(open_registration=False)
+    client = await connect(target=server)
+    await client.send({"type": "register", "username": unique_name(), "password": PASSWORD})
+    reply = await client.recv()
+    assert (reply["type"], reply["code"]) == ("error", "unauthorized")
+    with pytest.raises(websockets.ConnectionClosed):
+        for _ in range(10):
+            await client.send({"type": "register", "username": unique_name(), "password": PASSWORD})
+            await client.recv()
