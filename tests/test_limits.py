@@ -8,8 +8,8 @@ import time
 
 import pytest
 import websockets
-
 from conftest import PASSWORD, UNIT, ClientFactory, ServerFactory, finals_of, unique_name
+
 from server.settings import Settings, SettingsError
 
 
@@ -63,16 +63,22 @@ async def test_a_client_that_does_not_read_is_closed_with_4503_and_loses_nothing
     slow = await connect(target=server, path=f"/ws?token={token}", max_queue=1)
     await slow.recv()
     await slow.send({"type": "resume", "session": session, "after": 0})
+    outbox = server.sessions[session].outbox
+    assert outbox is not None and outbox.on_slow is not None
+    gave_up = asyncio.get_running_loop().create_future()
+    close = outbox.on_slow
+
+    def note_and_close() -> None:
+        gave_up.set_result(True)
+        close()
+
+    outbox.on_slow = note_and_close
     blob = "x" * 300_000
     for i in range(30):
         await slow.submit(f"b{i}", "echo", {"blob": blob, "i": i})
-    # Not reading: the server gives up on this socket (its outbox closes) while
-    # the other sessions and the broker acks go on.
-    outbox = server.sessions[session].outbox
-    assert outbox is not None
-    async with asyncio.timeout(4 * UNIT):
-        while not outbox.closed:
-            await asyncio.sleep(0.05)
+    # Not reading: the server gives up on this socket while the other sessions
+    # and the broker acks go on.
+    await asyncio.wait_for(gave_up, 4 * UNIT)
     code, _ = await slow.closed(timeout=6 * UNIT)  # reads the backlog, then the close
     assert code == 4503
     # Everything was stored: resume from a client that reads gets all 30.
