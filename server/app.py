@@ -351,7 +351,11 @@ class Server:
             if local.username.lower() != username.lower():
                 raise LookupError("not found")
             if local.close_connection is not None and local.outbox is not conn.outbox:
-                local.close_connection(CloseCode.TAKEN_OVER, "session resumed elsewhere")
+                # Unhook the older connection first: when its close completes
+                # it must not start draining the session it no longer carries.
+                close = local.close_connection
+                local.outbox, local.close_connection = None, None
+                close(CloseCode.TAKEN_OVER, "session resumed elsewhere")
             return local
         record = await self.store.get_session(session_id)
         if record is None or record.username.lower() != username.lower():
@@ -398,6 +402,8 @@ class Server:
             conn.outbox.push(encode_error(
                 ErrorCode.EXPIRED, f"results of session {sid!r} have passed their retention"
             ))  # fmt: skip
+            if session.outbox is None and session is not conn.session:
+                session.detach(None)  # taken for this resume, carried by no one: drain
             return
         outbox = conn.outbox
         outbox.hold()
@@ -406,20 +412,24 @@ class Server:
             previous.detach(outbox)
         conn.session = session
         session.attach(outbox, conn.close)
+        replayed = after
         try:
             # Read again now that live frames are held: every final stored from
-            # here on reaches the held outbox, everything before is in `finals`.
+            # here on reaches the held frames, everything before is read here.
             finals = await self.store.finals_after(sid, after)
-        except StoreError:
-            outbox.release([], lambda _frame: True)
-            raise
-        replayed = finals[-1][0] if finals else after
-        front = [encode_resumed(sid, session.last_seq, len(session.unfinished))]
-        front.extend(frame.encode() for _, frame in finals)
+            await outbox.push_replayed(
+                encode_resumed(sid, session.last_seq, len(session.unfinished))
+            )
+            for seq, frame in finals:
+                await outbox.push_replayed(frame.encode())
+                replayed = seq
+        finally:
 
-        def keep(frame: bytes) -> bool:
-            data = decode_json(frame)
-            seq = data.get("seq")
-            return not (isinstance(seq, int) and seq <= replayed and data.get("type") != "accepted")
+            def keep(frame: bytes) -> bool:
+                data = decode_json(frame)
+                seq = data.get("seq")
+                return not (
+                    isinstance(seq, int) and seq <= replayed and data.get("type") != "accepted"
+                )
 
-        outbox.release(front, keep)
+            outbox.release(keep)

@@ -17,9 +17,6 @@ from collections.abc import Callable
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
 
-from protocol import CloseCode
-from server import metrics
-
 
 class Outbox:
     def __init__(
@@ -35,54 +32,74 @@ class Outbox:
         self.slow_timeout = slow_timeout
         self.on_slow = on_slow
         self._frames: deque[bytes] = deque()
+        self._held: list[bytes] | None = None  # live frames kept back during a replay
         self._size = 0
         self._wake = asyncio.Event()
         self._empty = asyncio.Event()
         self._empty.set()
-        self._held = False
-        self._hold_from = 0
+        self._sent = asyncio.Event()
         self.closed = False
 
     def push(self, frame: bytes) -> None:
         if self.closed:
             return
-        self._frames.append(frame)
-        self._empty.clear()
         self._size += len(frame)
         if self._size > self.limit_bytes:
             self.slow()
             return
-        if not self._held:
-            self._wake.set()
+        if self._held is not None:
+            self._held.append(frame)
+            return
+        self._frames.append(frame)
+        self._empty.clear()
+        self._wake.set()
 
     def hold(self) -> None:
-        """Keep frames back (while a resume replay is assembled)."""
-        self._held = True
-        self._hold_from = len(self._frames)
+        """Keep live frames back while a resume replay is sent."""
+        if self._held is None:
+            self._held = []
 
-    def release(self, front: list[bytes], keep: Callable[[bytes], bool]) -> None:
-        """Put ``front`` before what was held, dropping held frames for which
-        ``keep`` is False, and start sending again."""
-        frames = list(self._frames)
-        before, held = frames[: self._hold_from], frames[self._hold_from :]
-        self._frames = deque(before + front + [frame for frame in held if keep(frame)])
-        self._size = sum(map(len, self._frames))
-        self._held = False
+    async def push_replayed(self, frame: bytes) -> None:
+        """Send a replayed frame ahead of the held live ones, pacing the replay
+        to the client's reading speed (it never counts as a slow reader by
+        itself, however long the replay)."""
+        while self._size > self.limit_bytes // 2 and not self.closed:
+            self._sent.clear()
+            await self._sent.wait()
+        if self.closed:
+            return
+        self._size += len(frame)
+        self._frames.append(frame)
+        self._empty.clear()
         self._wake.set()
+
+    def release(self, keep: Callable[[bytes], bool]) -> None:
+        """Send the held live frames after the replay, dropping those for which
+        ``keep`` is False (finals the replay already carried)."""
+        held, self._held = self._held or [], None
+        for frame in held:
+            if keep(frame):
+                self._frames.append(frame)
+            else:
+                self._size -= len(frame)
+        if self._frames:
+            self._empty.clear()
+            self._wake.set()
 
     def slow(self) -> None:
         if self.closed:
             return
         self.closed = True
         self._frames.clear()
-        metrics.closes.labels(str(int(CloseCode.SLOW_CONSUMER))).inc()
+        self._held = None
+        self._sent.set()
         if self.on_slow is not None:
             self.on_slow()
 
     async def flush(self, timeout: float = 1.0) -> None:
         """Wait (bounded) until every pushed frame was handed to the socket,
         so that a last error frame goes out before a close."""
-        if self.closed or self._held:
+        if self.closed or self._held is not None:
             return
         try:
             await asyncio.wait_for(self._empty.wait(), timeout)
@@ -92,19 +109,18 @@ class Outbox:
     async def run(self) -> None:
         """The writer task: send frames in order until the connection closes."""
         ws = self.ws
-        frames = self._frames
         loop = asyncio.get_running_loop()
         try:
             while not self.closed:
                 await self._wake.wait()
                 self._wake.clear()
                 async with asyncio.timeout(None) as deadline:
-                    while self._frames and not self._held and not self.closed:
-                        frames = self._frames
-                        frame = frames.popleft()
+                    while self._frames and not self.closed:
+                        frame = self._frames.popleft()
                         self._size -= len(frame)
                         deadline.reschedule(loop.time() + self.slow_timeout)
                         await ws.send(frame, text=True)
+                        self._sent.set()
                     deadline.reschedule(None)
                 if not self._frames:
                     self._empty.set()

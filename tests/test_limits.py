@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sys
 import time
 
@@ -59,10 +60,16 @@ async def test_a_client_that_does_not_read_is_closed_with_4503_and_loses_nothing
     server = await server_factory(slow_client_timeout=0.3)
     reader = await user_client(target=server)
     session, token = reader.welcome["session"], reader.welcome["token"]
-    # A client whose library stops reading after one buffered frame.
-    slow = await connect(target=server, path=f"/ws?token={token}", max_queue=1)
+    # A client that stops reading: its library buffers one frame, its kernel
+    # a small receive window, so the server's socket fills up.
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", server.port))
+    slow = await connect(target=server, path=f"/ws?token={token}", max_queue=1, sock=sock)
     await slow.recv()
     await slow.send({"type": "resume", "session": session, "after": 0})
+    await slow.recv_until(lambda f: f["type"] == "resumed")
     outbox = server.sessions[session].outbox
     assert outbox is not None and outbox.on_slow is not None
     gave_up = asyncio.get_running_loop().create_future()
@@ -74,21 +81,21 @@ async def test_a_client_that_does_not_read_is_closed_with_4503_and_loses_nothing
 
     outbox.on_slow = note_and_close
     blob = "x" * 300_000
-    for i in range(30):
+    for i in range(60):
         await slow.submit(f"b{i}", "echo", {"blob": blob, "i": i})
     # Not reading: the server gives up on this socket while the other sessions
     # and the broker acks go on.
     await asyncio.wait_for(gave_up, 4 * UNIT)
     code, _ = await slow.closed(timeout=6 * UNIT)  # reads the backlog, then the close
     assert code == 4503
-    # Everything was stored: resume from a client that reads gets all 30.
+    # Everything was stored: resume from a client that reads gets all 60.
     again = await connect(target=server, path=f"/ws?token={token}")
     await again.recv()
     await again.send({"type": "resume", "session": session, "after": 0})
     frames = await again.recv_until(lambda f: f["type"] == "resumed")
-    finals = finals_of(await again.finals(30, timeout=6 * UNIT))
-    assert frames[-1]["last_seq"] == 30
-    assert [f["value"]["i"] for f in finals] == list(range(30))
+    finals = finals_of(await again.finals(60, timeout=6 * UNIT))
+    assert frames[-1]["last_seq"] == 60
+    assert [f["value"]["i"] for f in finals] == list(range(60))
 
 
 async def test_submit_rate_limit_per_session(
