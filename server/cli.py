@@ -106,6 +106,11 @@ def serve(args: argparse.Namespace) -> int:
     logs.configure(settings.log_format, settings.log_level)
     if settings.workers == 1:
         return _run_worker(settings)
+    # Decide the dev-mode JWT secret once, here, so that the workers cannot
+    # race to create it.
+    from server.app import sqlite_dir
+
+    settings = settings.secret_for(sqlite_dir(settings.store_url))
     # N processes on one port: each binds its own SO_REUSEPORT listener and the
     # kernel spreads connections over them.
     sock = socket.socket(socket.AF_INET6 if ":" in settings.host else socket.AF_INET)
@@ -153,11 +158,12 @@ def _run_worker(settings: Settings) -> int:
 
 async def _serve(settings: Settings) -> int:
     from server.app import Server
+    from server.store import StoreError
 
     server = Server(settings)
     try:
         await server.start()
-    except OSError as exc:
+    except (OSError, StoreError, ValueError) as exc:
         logger.error("cannot start: {}", exc)
         return 1
     stop = asyncio.Event()
@@ -193,7 +199,8 @@ async def user_add(args: argparse.Namespace) -> int:
     store = open_store(settings.store_url)
     await store.open()
     try:
-        await store.create_user(args.name, await asyncio.to_thread(hash_password_sync, password))
+        hashed = await asyncio.to_thread(hash_password_sync, password, settings.bcrypt_rounds)
+        await store.create_user(args.name, hashed)
     except UserExists:
         print(f"sessionq: user {args.name!r} exists", file=sys.stderr)
         return 1
