@@ -121,7 +121,8 @@ class SessionConsumer:
         self.op_timeout = op_timeout
         self.max_attempts = max_attempts
         self.cpu_pool = cpu_pool
-        self.running_seq: int | None = None
+        self.running_seq: int | None = None  # taken from the queue, being started or run
+        self.started_seq: int | None = None  # ... and its start is stored
         self._running_op = ""
         self._handler: asyncio.Task[Any] | None = None
         self._cancel_seq: int | None = None
@@ -221,6 +222,7 @@ class SessionConsumer:
                         port.push(await pending)
                     attempt = None
                     continue
+                self.started_seq = seq  # its start is stored: status says "running"
                 final, failed = await self._run(seq, rid, opname, args, attempt)
                 following = items[index + 1][0] if index + 1 < len(items) else None
                 if following is not None and port.cancel_pending(following) is not None:
@@ -230,7 +232,7 @@ class SessionConsumer:
                     start_next=following,
                 )  # fmt: skip
             finally:
-                self.running_seq = None
+                self.running_seq = self.started_seq = None
             port.finished(seq)
             if stored:
                 port.push(final)

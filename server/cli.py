@@ -142,8 +142,26 @@ def serve(args: argparse.Namespace) -> int:
 def _worker_main(settings: Settings) -> None:
     from server import logs
 
+    _die_with_parent()
     logs.configure(settings.log_format, settings.log_level)
     raise SystemExit(_run_worker(settings))
+
+
+def _die_with_parent() -> None:
+    """A worker must not outlive its parent (e.g. SIGKILL of the parent): ask
+    Linux to send it SIGTERM then, which shuts it down gracefully."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM))
+    except (OSError, AttributeError):
+        logger.warning("cannot tie the worker's life to its parent")
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        raise SystemExit(0)
 
 
 def _run_worker(settings: Settings) -> int:

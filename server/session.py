@@ -450,7 +450,7 @@ class Session:
                 return encode_error(ErrorCode.NOT_FOUND, f"no request {rid!r} in this session", rid)
             seq = record.seq
         if seq in self.unfinished:
-            running = self.consumer is not None and self.consumer.running_seq == seq
+            running = self.consumer is not None and self.consumer.started_seq == seq
             if running:
                 return encode_status(self.session_id, pending, self.last_seq, last_done,
                                      rid, "running")  # fmt: skip

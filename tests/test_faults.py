@@ -35,7 +35,7 @@ class ServerProcess:
     async def kill(self) -> None:
         if self.proc.returncode is None:
             self.proc.kill()
-        await self.proc.wait()
+        await asyncio.wait_for(self.proc.wait(), 4 * UNIT)
 
     async def terminate(self) -> int:
         self.proc.send_signal(signal.SIGTERM)
@@ -77,6 +77,14 @@ async def start_server(tmp_path: Path) -> AsyncIterator[Start]:
     yield start
     for server in procs:
         await server.kill()
+
+
+def worker_pids(parent: int) -> list[str]:
+    children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+    return [
+        pid for pid in children
+        if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
+    ]  # fmt: skip
 
 
 async def open_client(server: ServerProcess, token: str | None = None) -> Client:
@@ -212,3 +220,30 @@ async def test_work_of_a_dead_process_runs_without_waiting_for_resume(start_serv
     assert [(f["seq"], f["value"]) for f in finals] == [
         (1, {"attempt": 2}), (2, {"key": "adopted", "ok": True})
     ]  # fmt: skip
+
+
+async def test_workers_share_one_port_and_sessions_move_between_them(start_server: Start) -> None:
+    """--workers 2: two processes on one port. Reconnects land on either; each
+    resume takes the session over where needed, and FIFO with one final per
+    seq holds across all the moves."""
+    server = await start_server(workers=2)
+    assert len(worker_pids(server.proc.pid)) == 2
+    client = await open_client(server)
+    welcome = client.welcome
+    await client.submit("r1", "echo", {"n": 1})
+    seen = finals_of(await client.finals(1))
+    await client.close()
+    seq = 1
+    for round_no in range(6):
+        again = await open_client(server, welcome["token"])
+        await again.send({"type": "resume", "session": welcome["session"], "after": seq})
+        frames = await again.recv_until(lambda f: f["type"] in ("resumed", "error"), 4 * UNIT)
+        assert frames[-1]["type"] == "resumed", frames[-1]
+        for k in range(2):
+            await again.submit(f"m{round_no}-{k}", "echo", {"n": seq + k + 1})
+        got = finals_of(await again.finals(2, timeout=4 * UNIT))
+        seen += got
+        seq += 2
+        await again.close()
+    assert [f["seq"] for f in seen] == list(range(1, 14))
+    assert [f["value"]["n"] for f in seen] == list(range(1, 14))
