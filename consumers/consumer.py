@@ -10,8 +10,12 @@ Ordering rules (the reason this file is shaped as it is):
 * A request starts only after its ``accepted`` frame was queued for sending,
   so a client never sees progress or a result before ``accepted``.
 * A result is written to the store before its frame is sent, and the message
-  is acked only after every request in it has its result stored. The store
-  write that finishes request N also marks N+1 started (one commit, not two).
+  is acked only after every request in it has its result stored. Result
+  writes are pipelined (see ``_process``).
+* Crashes are counted when a session is taken over from an owner that died
+  (its lease lapsed): requests run strictly in order, so the first unfinished
+  one is the one that was running, and only it is charged an attempt
+  (``Server._claim``). No write is needed when a request starts.
 * Before each request the consumer checks that it still owns the session and
   that its channel is alive; if not it stops without starting anything, and
   whoever recovers the session re-publishes the unfinished requests from the
@@ -23,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
@@ -37,25 +41,34 @@ from loguru import logger
 
 from consumers.context import KV, Context
 from consumers.registry import Operation, OpError, Registry
-from protocol import ErrorCode, decode_json, encode_error, encode_progress, encode_result
+from protocol import (
+    ErrorCode,
+    decode_json,
+    encode_error,
+    encode_json,
+    encode_progress,
+    encode_result,
+)
 from server import metrics
+
+HOLD_RESULTS = 0.005  # longest a finished result waits for the rest of its message
+MAX_GROUP = 64  # delivered messages run as one unit
+
+
+def _ready(iterator: AbstractQueueIterator) -> bool:
+    """Whether the iterator holds another delivered message, so that the next
+    ``__anext__`` returns without waiting. aio-pika keeps them in ``_queue``;
+    if that ever changes, messages simply run one by one."""
+    ready = getattr(iterator, "_queue", None)
+    return ready is not None and not ready.empty()
 
 
 class Finisher(Protocol):
     """The store calls the consumer needs (a slice of server.store.Store)."""
 
-    async def start_request(self, session_id: str, seq: int, epoch: int) -> int: ...
-
-    async def finish_request(
-        self,
-        session_id: str,
-        seq: int,
-        epoch: int | None,
-        final: str,
-        failed: bool,
-        now: float,
-        start_next: int | None = None,
-    ) -> tuple[bool, int | None]: ...
+    async def finish_requests(
+        self, session_id: str, epoch: int, finals: Sequence[tuple[int, str, bool]], now: float
+    ) -> list[bool]: ...
 
 
 class SessionPort(Protocol):
@@ -87,16 +100,21 @@ class SessionPort(Protocol):
         """Whether this process still owns the session at the consumer's epoch."""
 
 
-def encode_batch(items: list[tuple[int, str, str, str]]) -> bytes:
-    """One broker message: ``[[seq, id, op, args-json], ...]`` with args kept as
-    raw JSON text so it is neither parsed nor re-encoded on the way."""
-    from protocol import encode_json
-
-    parts = [
-        b"[" + str(seq).encode() + b"," + encode_json(rid) + b"," + encode_json(op) + b","
-        + args.encode() + b"]"
-        for seq, rid, op, args in items
-    ]  # fmt: skip
+def encode_batch(
+    items: Sequence[tuple[int, str, str, str] | tuple[int, str, str, str, int]],
+) -> bytes:
+    """One broker message: ``[[seq, id, op, args-json(, attempt)], ...]`` with
+    args kept as raw JSON text so it is neither parsed nor re-encoded on the
+    way. ``attempt`` (default 1) is given for requests re-published after their
+    process died while running them."""
+    parts = []
+    for item in items:
+        seq, rid, op, args = item[0], item[1], item[2], item[3]
+        tail = b"," + str(item[4]).encode() if len(item) > 4 and item[4] != 1 else b""  # type: ignore[misc]
+        parts.append(
+            b"[" + str(seq).encode() + b"," + encode_json(rid) + b"," + encode_json(op) + b","
+            + args.encode() + tail + b"]"
+        )  # fmt: skip
     return b"[" + b",".join(parts) + b"]"
 
 
@@ -130,6 +148,11 @@ class SessionConsumer:
         self._stop = False
         self._closer: asyncio.Task[None] | None = None
         self._channel: AbstractChannel | None = None
+        self._collected: list[tuple[int, bytes, bool, bool]] = []
+        self._writing: asyncio.Task[None] | None = None
+        self._drained = asyncio.Event()
+        self._pipeline_error: BaseException | None = None
+        self._hold_timer: asyncio.TimerHandle | None = None
         self._epoch = port.epoch
 
     # -- control (called by the session) -------------------------------------------
@@ -163,10 +186,16 @@ class SessionConsumer:
         try:
             async with self._iterator as iterator:
                 async for message in iterator:
-                    done = await self._process(message)
-                    if done and not self._stop:
+                    # Take every message already delivered too (prefetch): run
+                    # them as one unit, so their results go out as one burst.
+                    messages = [message]
+                    while _ready(iterator) and len(messages) < MAX_GROUP:
+                        messages.append(await iterator.__anext__())
+                    done = await self._process(messages)
+                    if done:
                         try:
-                            await message.ack()
+                            for each in messages:
+                                await each.ack()
                         except Exception as exc:  # channel gone: recovery re-publishes
                             logger.debug("ack failed: {}", exc)
                             return
@@ -191,52 +220,99 @@ class SessionConsumer:
             and (channel is None or not channel.is_closed)
         )
 
-    async def _process(self, message: AbstractIncomingMessage) -> bool:
-        """Run every request carried by one message; True if all were handled."""
-        items: list[list[Any]] = decode_json(message.body)
-        attempt: int | None = None  # attempt of items[i], if already started
+    async def _process(self, messages: list[AbstractIncomingMessage]) -> bool:
+        """Run every request carried by the messages, in order; True once all
+        of them have their final frame stored (then the messages may be acked).
+
+        Results go to the store in a pipeline: the results of a message's
+        requests are collected and written together once its last request has
+        run, or as soon as a request is still running ``HOLD_RESULTS`` seconds
+        after the first result was collected; while one write commits, the
+        next requests run. A frame is sent only after its write has committed,
+        in seq order. So a burst of submits comes back as a burst of results
+        (and the client's next burst coalesces into one message again), a
+        message costs one commit, and a single request waits for nothing.
+        """
+        items: list[list[Any]] = [item for m in messages for item in decode_json(m.body)]
         port = self.port
-        for index, (seq, rid, opname, args) in enumerate(items):
+        self._pipeline_error = None
+        complete = True
+        for item in items:
+            seq, rid, opname, args = item[0], item[1], item[2], item[3]
+            attempt = item[4] if len(item) > 4 else 1
             await port.wait_accepted(seq)
-            if not self._can_start():
-                return False
+            if self._pipeline_error is not None or not self._can_start():
+                complete = False
+                break
             cancelled = port.cancel_pending(seq)
             if cancelled is not None:
-                frame = await cancelled
-                port.finished(seq)
-                port.push(frame)
-                attempt = None
+                self._queue_final(seq, await cancelled, store=False)
                 continue
             if not port.begin(seq, rid):
-                attempt = None
                 continue  # already finished, or not this request (see SessionPort.begin)
-            self.running_seq = seq
+            self.running_seq = self.started_seq = seq
             self._running_op = opname
             try:
-                if not attempt:
-                    attempt = await self.store.start_request(port.session_id, seq, self._epoch)
-                if not attempt:  # finished meanwhile (cancelled while queued)
-                    pending = port.cancel_pending(seq)
-                    if pending is not None:
-                        port.finished(seq)
-                        port.push(await pending)
-                    attempt = None
-                    continue
-                self.started_seq = seq  # its start is stored: status says "running"
                 final, failed = await self._run(seq, rid, opname, args, attempt)
-                following = items[index + 1][0] if index + 1 < len(items) else None
-                if following is not None and port.cancel_pending(following) is not None:
-                    following = None
-                stored, attempt = await self.store.finish_request(
-                    port.session_id, seq, self._epoch, final.decode(), failed, time.time(),
-                    start_next=following,
-                )  # fmt: skip
             finally:
                 self.running_seq = self.started_seq = None
+            self._queue_final(seq, final, store=True, failed=failed)
+        self._flush_collected()
+        await self._drain_pipeline()
+        if self._pipeline_error is not None:
+            raise self._pipeline_error
+        return complete
+
+    # -- the result pipeline -----------------------------------------------------
+    def _queue_final(self, seq: int, final: bytes, *, store: bool, failed: bool = True) -> None:
+        if not self._collected:
+            self._hold_timer = asyncio.get_running_loop().call_later(
+                HOLD_RESULTS, self._flush_collected
+            )
+        self._collected.append((seq, final, store, failed))
+
+    def _flush_collected(self) -> None:
+        if self._hold_timer is not None:
+            self._hold_timer.cancel()
+            self._hold_timer = None
+        if self._collected and self._writing is None:
+            self._write_collected()
+
+    def _write_collected(self) -> None:
+        batch, self._collected = self._collected, []
+        self._writing = asyncio.create_task(self._write(batch))
+
+    async def _write(self, batch: list[tuple[int, bytes, bool, bool]]) -> None:
+        port = self.port
+        to_store = [(seq, final.decode(), failed) for seq, final, store, failed in batch if store]
+        try:
+            stored = iter(
+                await self.store.finish_requests(
+                    port.session_id, self._epoch, to_store, time.time()
+                )
+                if to_store
+                else []
+            )
+        except Exception as exc:  # fenced or store down: stop; the next owner re-runs them
+            self._pipeline_error = exc
+            self._collected = []
+            self._writing = None
+            self._drained.set()
+            return
+        for seq, final, store, _failed in batch:
             port.finished(seq)
-            if stored:
+            if not store or next(stored):
                 port.push(final)
-        return True
+        if self._collected and self._pipeline_error is None:
+            self._write_collected()
+        else:
+            self._writing = None
+            self._drained.set()
+
+    async def _drain_pipeline(self) -> None:
+        while self._writing is not None:
+            self._drained.clear()
+            await self._drained.wait()
 
     async def _run(
         self, seq: int, rid: str, opname: str, args: dict[str, Any], attempt: int
@@ -245,7 +321,7 @@ class SessionConsumer:
         if op is None:
             return encode_error(ErrorCode.UNKNOWN_OP, f"unknown op {opname!r}", rid, seq), True
         if attempt > self.max_attempts:
-            message = f"request was started {attempt - 1} times and its process died each time"
+            message = f"request ran {attempt - 1} times and its process died each time"
             return encode_error(ErrorCode.CRASHED, message, rid, seq), True
         loop = asyncio.get_running_loop()
         port = self.port

@@ -171,20 +171,17 @@ class Server:
             await asyncio.sleep(self.settings.lease_seconds)
 
     async def _adopt(self, session_id: str) -> None:
-        now = time.time()
-        epoch = await self.store.claim_session(
-            session_id, self.owner, now + self.settings.lease_seconds, now
-        )
+        epoch = await self._claim_once(session_id)
         record = await self.store.get_session(session_id)
         if epoch is None or record is None:
             return  # another process got there first
         session = self._make_session(session_id, record.username, epoch, record.last_seq)
         session.state = "draining"
-        rows = await self.store.unfinished(session_id)
-        await session.start([(r.seq, r.client_id, r.op, r.args) for r in rows])
+        work = await self._unfinished_work(session_id)
+        await session.start(work)
         if not session.unfinished:
             session.detach(None)
-        logger.bind(session=session_id).info("adopted orphaned session: {} to run", len(rows))
+        logger.bind(session=session_id).info("adopted orphaned session: {} to run", len(work))
 
     async def _purge(self) -> None:
         while True:
@@ -364,9 +361,29 @@ class Server:
         record = await self.store.get_session(session_id)
         assert record is not None
         session = self._make_session(session_id, record.username, epoch, record.last_seq)
-        rows = await self.store.unfinished(session_id)
-        await session.start([(r.seq, r.client_id, r.op, r.args) for r in rows])
+        await session.start(await self._unfinished_work(session_id))
         return session
+
+    async def _unfinished_work(self, session_id: str) -> list[tuple[int, str, str, str, int]]:
+        rows = await self.store.unfinished(session_id)
+        return [(r.seq, r.client_id, r.op, r.args, r.attempts + 1) for r in rows]
+
+    async def _claim_once(self, session_id: str) -> int | None:
+        """One try at ownership. Taking a session from an owner whose lease
+        lapsed without a release means that owner died: its first unfinished
+        request is the one that was running (FIFO), and is charged an attempt."""
+        now = time.time()
+        before = await self.store.get_session(session_id)
+        epoch = await self.store.claim_session(
+            session_id, self.owner, now + self.settings.lease_seconds, now
+        )
+        if epoch is None or before is None:
+            return epoch
+        if before.owner is not None and before.owner != self.owner and before.lease_until < now:
+            rows = await self.store.unfinished(session_id)
+            if rows:
+                await self.store.start_request(session_id, rows[0].seq, epoch)
+        return epoch
 
     async def _claim(self, session_id: str) -> int:
         """Claim ownership; if another process holds a live lease, wait for it
@@ -377,8 +394,7 @@ class Server:
         delay = 0.05
         asked = False
         while True:
-            now = time.time()
-            epoch = await self.store.claim_session(session_id, self.owner, now + lease, now)
+            epoch = await self._claim_once(session_id)
             if epoch is not None:
                 return epoch
             if not asked:

@@ -16,6 +16,9 @@ from collections.abc import Callable
 
 from websockets.asyncio.server import ServerConnection
 from websockets.exceptions import ConnectionClosed
+from websockets.protocol import State
+
+BURST = 64  # frames encoded per socket write
 
 
 class Outbox:
@@ -107,24 +110,36 @@ class Outbox:
             pass
 
     async def run(self) -> None:
-        """The writer task: send frames in order until the connection closes."""
+        """The writer task: send frames in order until the connection closes.
+
+        A burst of frames is encoded into the connection's protocol buffer and
+        written to the socket with one write and one drain (what
+        ``ws.send()`` does per frame), so a burst of results costs one system
+        call, not one per frame. The slow-reader deadline applies per burst.
+        """
         ws = self.ws
+        protocol = ws.protocol
         loop = asyncio.get_running_loop()
         try:
             while not self.closed:
                 await self._wake.wait()
                 self._wake.clear()
-                async with asyncio.timeout(None) as deadline:
-                    while self._frames and not self.closed:
+                while self._frames and not self.closed:
+                    if protocol.state is not State.OPEN:
+                        raise ConnectionClosed(None, None)
+                    size = 0
+                    for _ in range(min(len(self._frames), BURST)):
                         frame = self._frames.popleft()
-                        self._size -= len(frame)
-                        deadline.reschedule(loop.time() + self.slow_timeout)
-                        await ws.send(frame, text=True)
-                        self._sent.set()
-                    deadline.reschedule(None)
+                        size += len(frame)
+                        protocol.send_text(frame)
+                    self._size -= size
+                    ws.send_data()
+                    async with asyncio.timeout_at(loop.time() + self.slow_timeout):
+                        await ws.drain()
+                    self._sent.set()
                 if not self._frames:
                     self._empty.set()
         except TimeoutError:
             self.slow()
-        except ConnectionClosed:
+        except (ConnectionClosed, OSError):
             self.closed = True

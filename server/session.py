@@ -109,14 +109,14 @@ class Session:
         self.log = logger.bind(session=session_id, user=username)
 
     # -- lifecycle ---------------------------------------------------------------
-    async def start(self, unfinished: list[tuple[int, str, str, str]] | None = None) -> None:
+    async def start(self, unfinished: list[tuple[int, str, str, str, int]] | None = None) -> None:
         """Declare a fresh queue, (re)publish ``unfinished`` requests from the
         store in seq order, and start the consumer and the submit pump."""
         if self._pump_task is None:
             self._pump_task = asyncio.create_task(self._pump(), name=f"pump-{self.session_id}")
         if unfinished:
-            for seq, rid, _op, _args in unfinished:
-                self.unfinished[seq] = rid
+            for item in unfinished:
+                self.unfinished[item[0]] = item[1]
         try:
             await self._open_queue(unfinished or [])
         except BrokerError as exc:
@@ -124,7 +124,7 @@ class Session:
             # get `unavailable`, and the broker's recovery callback retries.
             self.log.warning("session queue not ready: {}", exc)
 
-    async def _open_queue(self, unfinished: list[tuple[int, str, str, str]]) -> None:
+    async def _open_queue(self, unfinished: list[tuple[int, str, str, str, int]]) -> None:
         channel = self.broker.pick_channel()
         generation = self.broker.generation
         self._incarnation += 1
@@ -174,8 +174,12 @@ class Session:
         self.consumer = None
         self._consumer_task = None
         rows = await self.store.unfinished(self.session_id)
-        todo = [(r.seq, r.client_id, r.op, r.args) for r in rows if r.seq <= self.accepted_through]
-        self.unfinished = {seq: rid for seq, rid, _, _ in todo}
+        todo = [
+            (r.seq, r.client_id, r.op, r.args, r.attempts + 1)
+            for r in rows
+            if r.seq <= self.accepted_through
+        ]
+        self.unfinished = {item[0]: item[1] for item in todo}
         await self._open_queue(todo)
         self.log.info("session recovered; {} requests re-published", len(todo))
 

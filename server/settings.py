@@ -61,7 +61,7 @@ class Settings:
     # Not in DESIGN.md's table; documented in docs/operations.md.
     op_timeout: float = 300.0
     amqp_channels: int = 16
-    prefetch: int = 4
+    prefetch: int = 16
     batch_max: int = 64
     publish_timeout: float = 5.0
     slow_client_timeout: float = 10.0

@@ -512,3 +512,19 @@ async def test_writes_fail_while_locked_out_and_work_again_after(tmp_path: Path)
     finally:
         blocker.close()
         await s.close()
+
+
+async def test_finish_requests_records_several_at_once(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2, 3), now=5.0)
+    await store.finish_request(sid, 2, 1, '{"first":true}', False, now=6.0)
+    stored = await store.finish_requests(
+        sid, 1, [(1, '{"a":1}', False), (2, '{"again":true}', False), (3, '{"c":3}', True)], 7.0
+    )
+    assert stored == [True, False, True]
+    assert await store.finals_after(sid, 0) == [
+        (1, '{"a":1}'), (2, '{"first":true}'), (3, '{"c":3}')
+    ]  # fmt: skip
+    assert (await store.session_counts(sid)).pending == 0
+    with pytest.raises(Fenced):
+        await store.finish_requests(sid, 0, [(1, "{}", False)], 8.0)

@@ -198,6 +198,18 @@ class Store(abc.ABC):
         ``start_next`` is still started). Raises Fenced.
         """
 
+    async def finish_requests(
+        self, session_id: str, epoch: int, finals: Sequence[tuple[int, str, bool]], now: float
+    ) -> list[bool]:
+        """Record several (seq, final frame, failed) of one session in one
+        write, with finish_request's semantics each; return ``stored`` per
+        item. Raises Fenced (and stores nothing) if epoch is not current.
+        Backends override this to make it one transaction."""
+        return [
+            (await self.finish_request(session_id, seq, epoch, final, failed, now))[0]
+            for seq, final, failed in finals
+        ]
+
     @abc.abstractmethod
     async def get_request(self, session_id: str, seq: int) -> RequestRecord | None: ...
 

@@ -389,6 +389,23 @@ class SqliteStore(Store):
 
         return await self._write(op)
 
+    async def finish_requests(
+        self, session_id: str, epoch: int, finals: Sequence[tuple[int, str, bool]], now: float
+    ) -> list[bool]:
+        def op(c: sqlite3.Connection) -> list[bool]:
+            _check_epoch(c, session_id, epoch)
+            stored = []
+            for seq, final, failed in finals:
+                cur = c.execute(
+                    "UPDATE requests SET state = 'done', final = ?, failed = ?, finished_at = ?"
+                    " WHERE session_id = ? AND seq = ? AND state != 'done'",
+                    (final, int(failed), now, session_id, seq),
+                )
+                stored.append(cur.rowcount == 1)
+            return stored
+
+        return await self._write(op)
+
     async def get_request(self, session_id: str, seq: int) -> RequestRecord | None:
         row = await self._read(
             lambda c: _one(
