@@ -110,7 +110,8 @@ def encode_batch(
     parts = []
     for item in items:
         seq, rid, op, args = item[0], item[1], item[2], item[3]
-        tail = b"," + str(item[4]).encode() if len(item) > 4 and item[4] != 1 else b""  # type: ignore[misc]
+        attempt = item[4] if len(item) > 4 else 1
+        tail = b"," + str(attempt).encode() if attempt != 1 else b""
         parts.append(
             b"[" + str(seq).encode() + b"," + encode_json(rid) + b"," + encode_json(op) + b","
             + args.encode() + tail + b"]"
@@ -146,7 +147,7 @@ class SessionConsumer:
         self._cancel_seq: int | None = None
         self._iterator: AbstractQueueIterator | None = None
         self._stop = False
-        self._closer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Future[Any] | None = None
         self._channel: AbstractChannel | None = None
         self._collected: list[tuple[int, bytes, bool, bool]] = []
         self._writing: asyncio.Task[None] | None = None
@@ -161,7 +162,7 @@ class SessionConsumer:
         self._stop = True
         if self.running_seq is None and self._iterator is not None and self._closer is None:
             # Idle in `async for`: closing the iterator wakes it up.
-            self._closer = asyncio.create_task(self._iterator.close())
+            self._closer = asyncio.ensure_future(self._iterator.close())
 
     def cancel_running(self, seq: int) -> bool:
         """Interrupt the running request if it is ``seq`` and its handler allows

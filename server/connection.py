@@ -64,7 +64,7 @@ class SQConnection(ServerConnection):
                 opcodes.append(frame.opcode)
             put(frame)
 
-        frames.put = put_and_note  # type: ignore[method-assign]
+        frames.put = put_and_note  # type: ignore[method-assign,assignment]
 
     async def receive_frame(self) -> ClientFrame:
         """Receive one message and parse it; raise ProtocolError for bad input
