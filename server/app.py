@@ -344,6 +344,11 @@ class Server:
         """Make ``conn`` carry ``session_id``: the local session if this process
         owns it, otherwise claim it from the store and recover it here."""
         local = self.sessions.get(session_id)
+        if local is not None and local.closing:
+            # Draining just ended (or a hand-over is under way): let it release
+            # ownership, then take the session up afresh from the store.
+            await local.wait_gone()
+            local = None
         if local is not None and local.state != "closed":
             if local.username.lower() != username.lower():
                 raise LookupError("not found")

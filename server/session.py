@@ -105,6 +105,8 @@ class Session:
         self._pump_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._recover_lock = asyncio.Lock()
+        self.closing = False  # its consumer is stopping; it cannot be carried again
+        self._gone = asyncio.Event()
         self._incarnation = 0
         self.log = logger.bind(session=session_id, user=username)
 
@@ -202,6 +204,7 @@ class Session:
             self._begin_close()
 
     def _begin_close(self) -> None:
+        self.closing = True
         if self.consumer is not None:
             self.consumer.stop()  # _consume() finishes the close once it returns
         elif self._closer is None:
@@ -224,6 +227,7 @@ class Session:
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError as exc:
             self.log.warning("could not release session: {}", exc)
+        self._gone.set()
         if self.on_closed is not None:
             self.on_closed(self)
         self.log.debug("session closed")
@@ -231,6 +235,7 @@ class Session:
     async def stop(self, grace: float) -> None:
         """Shutdown: finish the running request within ``grace``, start no more,
         keep the rest stored for the next owner."""
+        self.closing = True
         self.state = "closed"
         if self._pump_task is not None:
             self._pump_task.cancel()
@@ -246,6 +251,11 @@ class Session:
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError:
             pass
+        self._gone.set()
+
+    async def wait_gone(self) -> None:
+        """Wait until a closing session has released its ownership."""
+        await self._gone.wait()
 
     # -- SessionPort (used by the consumer) ------------------------------------
     def push(self, frame: bytes) -> None:

@@ -203,3 +203,21 @@ async def test_store_write_failure_refuses_instead_of_accepting(
         await server.stop()
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(disk)], check=False)
+
+
+async def test_resume_right_after_a_disconnect_while_the_session_closes(
+    user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    """Reconnect and resume at once, again and again: the resume can land while
+    the drained session is closing down; it must be carried on, not lost."""
+    client = await user_client()
+    session, token = client.welcome["session"], client.welcome["token"]
+    await client.close()
+    for i in range(1, 11):
+        again = await connect(path=f"/ws?token={token}")
+        await again.recv()
+        assert (await resume(again, session, after=i - 1))["type"] == "resumed"
+        await again.submit(f"r{i}", "echo", {"i": i})
+        finals = finals_of(await again.finals(1))
+        assert (finals[0]["seq"], finals[0]["value"]) == (i, {"i": i})
+        await again.close()
