@@ -18,6 +18,7 @@ import secrets
 import socket
 import time
 from collections import Counter
+from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
@@ -69,6 +70,7 @@ class Server:
         self.auth: Authenticator
         self.sessions: dict[str, Session] = {}
         self.user_connections: Counter[str] = Counter()
+        self._claim_locks: dict[str, asyncio.Lock] = {}
         self.cpu_pool: Executor | None = None
         self.stopping = False
         self.ws_server: WSServer | None = None
@@ -171,6 +173,11 @@ class Server:
             await asyncio.sleep(self.settings.lease_seconds)
 
     async def _adopt(self, session_id: str) -> None:
+        async with self._session_lock(session_id):
+            if session_id not in self.sessions:
+                await self._adopt_unlocked(session_id)
+
+    async def _adopt_unlocked(self, session_id: str) -> None:
         epoch = await self._claim_once(session_id)
         record = await self.store.get_session(session_id)
         if epoch is None or record is None:
@@ -343,6 +350,26 @@ class Server:
     async def take_session(self, session_id: str, username: str, conn: Connection) -> Session:
         """Make ``conn`` carry ``session_id``: the local session if this process
         owns it, otherwise claim it from the store and recover it here."""
+        async with self._session_lock(session_id):
+            return await self._take_session(session_id, username, conn)
+
+    def _session_lock(self, session_id: str) -> contextlib.AbstractAsyncContextManager[None]:
+        """One claim of a session at a time in this process (a resume and the
+        orphan sweep may both want it)."""
+
+        @contextlib.asynccontextmanager
+        async def held() -> AsyncIterator[None]:
+            lock = self._claim_locks.setdefault(session_id, asyncio.Lock())
+            try:
+                async with lock:
+                    yield
+            finally:
+                if not lock.locked() and self._claim_locks.get(session_id) is lock:
+                    del self._claim_locks[session_id]
+
+        return held()
+
+    async def _take_session(self, session_id: str, username: str, conn: Connection) -> Session:
         local = self.sessions.get(session_id)
         if local is not None and local.closing:
             # Draining just ended (or a hand-over is under way): let it release
