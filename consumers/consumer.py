@@ -99,6 +99,11 @@ class SessionPort(Protocol):
     def owned(self) -> bool:
         """Whether this process still owns the session at the consumer's epoch."""
 
+    @property
+    def careful(self) -> bool:
+        """Whether the session was taken from an owner that died: then each
+        request starts only once the results before it are stored."""
+
 
 def encode_batch(
     items: Sequence[tuple[int, str, str, str] | tuple[int, str, str, str, int]],
@@ -154,6 +159,8 @@ class SessionConsumer:
         self._drained = asyncio.Event()
         self._pipeline_error: BaseException | None = None
         self._hold_timer: asyncio.TimerHandle | None = None
+        self._ready: list[tuple[int, bytes, bool]] = []
+        self._push_timer: asyncio.TimerHandle | None = None
         self._epoch = port.epoch
 
     # -- control (called by the session) -------------------------------------------
@@ -251,6 +258,16 @@ class SessionConsumer:
                 continue
             if not port.begin(seq, rid):
                 continue  # already finished, or not this request (see SessionPort.begin)
+            # In a session taken over from an owner that died, the results
+            # before a request are made durable before it starts: if it kills
+            # the process too, it is then the first unfinished request in the
+            # store, and it alone is charged the crash (see Server._claim_once).
+            if port.careful and (self._collected or self._writing is not None):
+                self._flush_collected()
+                await self._drain_pipeline()
+                if self._pipeline_error is not None:
+                    complete = False
+                    break
             self.running_seq = self.started_seq = seq
             self._running_op = opname
             try:
@@ -260,6 +277,7 @@ class SessionConsumer:
             self._queue_final(seq, final, store=True, failed=failed)
         self._flush_collected()
         await self._drain_pipeline()
+        self._push_ready()
         if self._pipeline_error is not None:
             raise self._pipeline_error
         return complete
@@ -295,20 +313,34 @@ class SessionConsumer:
                 else []
             )
         except Exception as exc:  # fenced or store down: stop; the next owner re-runs them
+            self._push_ready()
             self._pipeline_error = exc
             self._collected = []
             self._writing = None
             self._drained.set()
             return
         for seq, final, store, _failed in batch:
-            port.finished(seq)
-            if not store or next(stored):
-                port.push(final)
+            self._ready.append((seq, final, not store or next(stored)))
+        if self._push_timer is None:
+            self._push_timer = asyncio.get_running_loop().call_later(HOLD_RESULTS, self._push_ready)
         if self._collected and self._pipeline_error is None:
             self._write_collected()
         else:
             self._writing = None
             self._drained.set()
+
+    def _push_ready(self) -> None:
+        """Send the stored results, together: a burst of results brings the
+        client's next burst of submits, which coalesces into one message."""
+        if self._push_timer is not None:
+            self._push_timer.cancel()
+            self._push_timer = None
+        ready, self._ready = self._ready, []
+        port = self.port
+        for seq, final, send in ready:
+            port.finished(seq)
+            if send:
+                port.push(final)
 
     async def _drain_pipeline(self) -> None:
         while self._writing is not None:

@@ -71,6 +71,7 @@ class Server:
         self.sessions: dict[str, Session] = {}
         self.user_connections: Counter[str] = Counter()
         self._claim_locks: dict[str, asyncio.Lock] = {}
+        self._crashed_owner: set[str] = set()  # claimed from a dead owner, not yet started
         self.cpu_pool: Executor | None = None
         self.stopping = False
         self.ws_server: WSServer | None = None
@@ -323,12 +324,15 @@ class Server:
             del self.user_connections[key]
 
     def _make_session(self, session_id: str, username: str, epoch: int, last_seq: int) -> Session:
+        careful = session_id in self._crashed_owner
+        self._crashed_owner.discard(session_id)
         session = Session(
             session_id, username, epoch,
             settings=self.settings, store=self.store, broker=self.broker,
             registry=self.registry, cpu_pool=self.cpu_pool, owner=self.owner,
             last_seq=last_seq, on_closed=self._session_closed,
         )  # fmt: skip
+        session.careful = careful
         self.sessions[session_id] = session
         metrics.sessions_live.labels("live").set(len(self.sessions))
         return session
@@ -403,7 +407,13 @@ class Server:
     async def _claim_once(self, session_id: str) -> int | None:
         """One try at ownership. Taking a session from an owner whose lease
         lapsed without a release means that owner died: its first unfinished
-        request is the one that was running (FIFO), and is charged an attempt."""
+        request is the one that was running (FIFO), and is charged an attempt.
+
+        The owner writes results in groups, so a request that finished just
+        before the death may still look unfinished and take that charge
+        instead (one extra run for the real culprit, never a false 'crashed'
+        after it: the session then runs "careful", storing each result before
+        the next request starts, so the next death is charged exactly)."""
         now = time.time()
         before = await self.store.get_session(session_id)
         epoch = await self.store.claim_session(
@@ -415,6 +425,7 @@ class Server:
             rows = await self.store.unfinished(session_id)
             if rows:
                 await self.store.start_request(session_id, rows[0].seq, epoch)
+            self._crashed_owner.add(session_id)
         return epoch
 
     async def _claim(self, session_id: str) -> int:

@@ -106,6 +106,7 @@ class Session:
         self._closer: asyncio.Task[None] | None = None
         self._recover_lock = asyncio.Lock()
         self.closing = False  # its consumer is stopping; it cannot be carried again
+        self.careful = False  # taken from an owner that died (see SessionPort.careful)
         self._gone = asyncio.Event()
         self._incarnation = 0
         self.log = logger.bind(session=session_id, user=username)

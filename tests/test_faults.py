@@ -59,7 +59,7 @@ async def start_server(tmp_path: Path) -> AsyncIterator[Start]:
             "SESSIONQ_LEASE_SECONDS": "1",
             "SESSIONQ_OPS": "tests.ops_for_tests",
             "SESSIONQ_LOG_FORMAT": "json",
-            "SESSIONQ_LOG_LEVEL": "WARNING",
+            "SESSIONQ_LOG_LEVEL": os.environ.get("SESSIONQ_TEST_SERVER_LOG_LEVEL", "WARNING"),
         }
         env.update({f"SESSIONQ_{k.upper()}": str(v) for k, v in settings.items()})
         proc = await asyncio.create_subprocess_exec(
@@ -145,14 +145,20 @@ async def test_sigkill_mid_queue_then_restart_and_resume(start_server: Start) ->
 async def test_request_that_keeps_killing_its_process_ends_crashed(start_server: Start) -> None:
     server = await start_server(max_attempts=2)
     client = await open_client(server)
+    # The sleep holds the queue until both later requests are accepted.
+    await client.submit("gate", "sleep", {"seconds": 0.5})
     await client.submit("poison", "test.die")
     await client.submit("after", "echo", {"ok": True})
+    await client.recv_until(lambda f: f.get("id") == "after" and f["type"] == "accepted")
     await client.closed(4 * UNIT)  # the process died under it
     await server.kill()
-    for _ in range(2):  # attempt 2 kills the next process as well; attempt 3 is refused
+    # Attempt 2 kills the next process as well, attempt 3 is refused. (If the
+    # first process died before the gate's result was stored, the gate takes
+    # the first charge and the poison runs once more: one more round.)
+    for _ in range(3):
         server = await start_server(max_attempts=2)
         again = await open_client(server, client.welcome["token"])
-        await again.send({"type": "resume", "session": client.welcome["session"], "after": 0})
+        await again.send({"type": "resume", "session": client.welcome["session"], "after": 1})
         frames = []
         try:
             frames = await again.finals(2, timeout=4 * UNIT)
@@ -161,7 +167,7 @@ async def test_request_that_keeps_killing_its_process_ends_crashed(start_server:
             await server.kill()
     finals = finals_of(frames)
     assert [(f["id"], f["seq"], f.get("code")) for f in finals] == [
-        ("poison", 1, "crashed"), ("after", 2, None)
+        ("poison", 2, "crashed"), ("after", 3, None)
     ]  # fmt: skip
     assert finals[1]["value"] == {"ok": True}
 
