@@ -12,4 +12,7 @@ run); see ``bench/run.py`` for what is measured and how it is reported.
   ws -> queue -> consumer -> ws path.
 - ``bench.stomp``: the peer, RabbitMQ's own Web-STOMP plugin, driven by a
   minimal STOMP 1.2 over WebSocket client.
+- ``bench.sessionq``: sessionq's full path driven by its own load client
+  (``clients/bench.py``): closed-loop rows, ``--workers 2``, the open-loop
+  latency row, the 10,000 idle sessions test and the targets table.
 """

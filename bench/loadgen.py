@@ -171,6 +171,7 @@ class LoadResult:
     first_error: str = ""
     cpu: dict[str, float] = field(default_factory=dict)
     other_cores: float = 0.0
+    extra: dict[str, object] = field(default_factory=dict)  # row-specific figures
 
     def cpu_us_per_msg(self, name: str) -> float | None:
         if name not in self.cpu or not self.messages:

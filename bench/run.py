@@ -10,9 +10,12 @@ picks some by key or glob, e.g. `--only "*:100x*"`):
    publisher confirms, (c) the minimal ws -> queue -> consumer -> ws path.
 2. Peer (``bench.stomp``): RabbitMQ's Web-STOMP plugin, enabled for these rows
    and disabled again afterwards (unless it was on before).
-3. sessionq: the rows returned by :func:`sessionq_scenarios` and the sections
-   returned by :func:`sessionq_sections`, the hooks below for the sessionq
-   load client (``clients/bench.py``).
+3. sessionq (``bench.sessionq``, through the hooks :func:`sessionq_scenarios`
+   and :func:`sessionq_sections`): the full path at 1/100/1,000 sessions x
+   window 1/16, ``--workers 2``, open loop at 1,000 sessions, driven by the
+   sessionq load client (``clients/bench.py``); then 10,000 idle sessions
+   (memory per session, connect rate) and a table of the targets, each with
+   the figure measured in the same run.
 
 How: every scenario that involves a server starts it as its own subprocess
 (fresh for every run, so runs do not inherit each other's queues or garbage),
@@ -59,7 +62,7 @@ from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
 
-from bench import ceilings, stomp
+from bench import ceilings, sessionq, stomp
 from bench.loadgen import (
     LoadResult,
     Opener,
@@ -183,14 +186,18 @@ class Context:
         env: Mapping[str, str] | None = None,
         ready_timeout: float = 30.0,
         name: str = "server",
+        nofile: int | None = None,
     ) -> Iterator[Server]:
         """Start ``argv`` (which must listen on ``host:port``), wait until the port
         accepts, yield it; SIGTERM on the way out (SIGKILL to its process group
-        after 10 s). Its output goes to a log file, quoted if it fails to start."""
+        after 10 s). Its output goes to a log file, quoted if it fails to start.
+        ``nofile``: its open-files limit (raised in the child before exec; the hard
+        limit too when we may, i.e. as root)."""
         log = self.logdir / f"{name}-{port}.log"
         with open(log, "wb") as out:
             proc = subprocess.Popen(
                 list(argv),
+                preexec_fn=(lambda: _set_nofile(nofile)) if nofile else None,
                 stdout=out,
                 stderr=subprocess.STDOUT,
                 cwd=ROOT,
@@ -234,6 +241,15 @@ class Context:
                 cpu_pids=cpu_pids,
             )
         )
+
+
+def _set_nofile(wanted: int) -> None:
+    """In a child before exec: RLIMIT_NOFILE to ``wanted`` (hard too if allowed)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (wanted, max(hard, wanted)))
+    except (ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(wanted, hard), hard))
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
@@ -365,16 +381,17 @@ def baseline_scenarios(quick: bool) -> list[Scenario]:
 # ======================================================================================
 def sessionq_scenarios(quick: bool) -> list[Scenario]:
     """HOOK: the sessionq rows (full path at 1/100/1,000 sessions x window 1/16;
-    --workers 1 and 2). Empty until ``clients/bench.py`` is wired in."""
-    return []
+    --workers 2 at 100 x 16; open loop at 1,000 sessions): ``bench.sessionq``."""
+    return sessionq.scenarios(quick)
 
 
 # HOOK: markdown sections that are not throughput rows (issue item 4: 10,000 concurrent
 # idle sessions: memory per session, connect time...). Each function gets the Context
 # and returns one markdown chunk, appended after the tables inside the generated section.
 def sessionq_sections(ctx: Context) -> list[str]:
-    """HOOK: extra markdown chunks (e.g. the 10,000 idle sessions scale test)."""
-    return []
+    """HOOK: extra markdown chunks: the 10,000 idle sessions scale test
+    (``bench.sessionq``)."""
+    return sessionq.sections(ctx)
 
 
 # ======================================================================================
@@ -387,6 +404,7 @@ class Row:
     runs: list[LoadResult] = field(default_factory=list)
     error: str = ""
     retries: int = 0
+    broker_restarts: int = 0  # runs discarded because the broker restarted in them
 
     @property
     def failed(self) -> bool:
@@ -458,10 +476,15 @@ def skip_reason(sc: Scenario) -> str:
     return broker_cannot_hold(sc.broker_sockets) if sc.broker_sockets else ""
 
 
+MAX_BROKER_RESTARTS = 3  # per row: runs discarded because the broker restarted in them
+
+
 def run_scenario(ctx: Context, sc: Scenario) -> Row:
-    """Run ``sc`` ``--runs`` times. A failed run (an exception, or sessions that
-    failed) is retried once, since a broker restarted by another job on a shared
-    machine looks the same; a run that fails twice ends the scenario."""
+    """Run ``sc`` ``--runs`` times. A run during which the RabbitMQ node restarted
+    (its pid changed: another job on a shared machine) is discarded and repeated, up
+    to :data:`MAX_BROKER_RESTARTS` times per row. Any other failed run (an exception,
+    or sessions that failed) is retried once; a run that fails twice ends the
+    scenario."""
     row = Row(sc)
     if reason := skip_reason(sc):
         row.error = f"skipped: {reason}"
@@ -473,17 +496,30 @@ def run_scenario(ctx: Context, sc: Scenario) -> Row:
         started = time.monotonic()
         failure = ""
         result: LoadResult | None = None
+        broker = None
         try:
             wait_broker(ctx.options.amqp_url)
+            broker = find_broker_pid()
             result = as_result(sc.run(ctx, sc), sc)
             if result.errors:
-                failure = f"{result.errors} session(s) failed: {result.first_error}"
+                failure = f"{result.errors} error(s): {result.first_error}"
         except Exception as exc:
             failure = f"{type(exc).__name__}: {exc}"
         took = time.monotonic() - started
         tag = f"  {sc.key} run {i + 1}/{ctx.options.runs}"
         if result is not None:
             print(f"{tag}: {_one_line(result)} ({took:.1f}s)", flush=True)
+        if (now := find_broker_pid()) != broker and row.broker_restarts < MAX_BROKER_RESTARTS:
+            row.broker_restarts += 1
+            print(
+                f"{tag}: the RabbitMQ node restarted during the run (pid {broker} -> {now}): "
+                "discarded, repeating it",
+                flush=True,
+            )
+            with contextlib.suppress(TimeoutError):
+                wait_broker(ctx.options.amqp_url)
+            time.sleep(5.0)  # the node accepts connections before it is fully up
+            continue
         if failure:
             print(f"{tag}: FAILED {_short(failure, 400)}", flush=True)
             if not retried:
@@ -514,6 +550,18 @@ def _one_line(r: LoadResult) -> str:
         f"client {_us(r, 'client')}, other {r.other_cores:.2f} cores"
         + (f", {r.errors} errors" if r.errors else "")
     )
+
+
+def row_notes(row: Row) -> str:
+    """What the first cell says about errors and repeated runs."""
+    notes = []
+    if row.error:
+        notes.append(f"errors: {row.error}")
+    if row.retries:
+        notes.append(f"{row.retries} failed run(s) repeated")
+    if row.broker_restarts:
+        notes.append(f"{row.broker_restarts} run(s) repeated after a broker restart")
+    return "".join(f" ({n})" for n in notes)
 
 
 def _ms(v: float | None) -> str:
@@ -554,10 +602,7 @@ def table(rows: Sequence[Row]) -> str:
             *(_num(row.median_cpu(name), ".0f") for name in ("server", "broker", "client")),
             _num(row.median(lambda r: r.other_cores), ".2f"),
         ]
-        if row.error:
-            cells[0] += f" (errors: {row.error})"
-        if row.retries:
-            cells[0] += f" ({row.retries} failed run(s) repeated)"
+        cells[0] += row_notes(row)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -662,8 +707,10 @@ def markdown(
         f"- Method: loopback only (127.0.0.1); closed loop, every session keeps "
         f"`window` messages in flight; each run {opts.warmup:g} s warm-up then "
         f"{opts.duration:g} s measured; every cell is the median over {opts.runs} run(s); "
-        "servers are started afresh for every run. A run that fails (e.g. the broker "
-        "restarted by another job) is repeated once and the row says so. Round trip: "
+        "servers are started afresh for every run. A run that fails is repeated once; a "
+        "run during which the RabbitMQ node restarted (another job on a shared machine) "
+        f"is discarded and repeated, up to {MAX_BROKER_RESTARTS} times per row; the row "
+        "says so. Round trip: "
         "from just before a message is sent to when its reply is read. CPU: "
         "`/proc/<pid>/stat` utime+stime over the window, divided by the messages completed "
         'in it; "server" is the server '
@@ -691,12 +738,13 @@ def markdown(
             "message is confirmed (the analogue of publisher confirms). The plugin runs in "
             "the broker: its server CPU is the broker column.",
         ),
-        (SESSIONQ, "The full path (see the scenarios for the exact settings)."),
+        (SESSIONQ, sessionq.intro(opts)),
     ):
         group_rows = [r for r in rows if r.scenario.group == group]
         if not group_rows:
             continue
-        parts += [f"### {group}", "", intro, "", table(group_rows), ""]
+        render = sessionq.table if group == SESSIONQ else table
+        parts += [f"### {group}", "", intro, "", render(group_rows), ""]
     parts += [*extra, MARK_END]
     return "\n".join(parts) + "\n"
 
@@ -783,6 +831,8 @@ def run_all(
         print(f"{sc.key}: {sc.label}", flush=True)
         rows.append(run_scenario(ctx, sc))
     extra = sessionq_sections(ctx) if with_sections else []
+    if any(r.scenario.group == SESSIONQ for r in rows) or extra:
+        extra.append(sessionq.targets(rows))
     return rows, extra
 
 
@@ -857,18 +907,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "machine": info,
                     "options": opts.__dict__,
                     "elapsed_s": elapsed,
+                    "sections": sessionq.RESULTS,
                     "rows": [
                         {
                             "key": r.scenario.key,
                             "label": r.scenario.label,
                             "error": r.error,
                             "retries": r.retries,
+                            "broker_restarts": r.broker_restarts,
                             "runs": [x.to_dict() for x in r.runs],
                         }
                         for r in rows
                     ],
                 },
                 indent=2,
+                default=str,
             )
         )
     if not args.no_write:
@@ -878,6 +931,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # bench.sessionq imports this module by name: let it find this very one.
+    sys.modules.setdefault("bench.run", sys.modules[__name__])
     try:
         raise SystemExit(main())
     except KeyboardInterrupt:
