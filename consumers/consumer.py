@@ -162,6 +162,7 @@ class SessionConsumer:
         self._ready: list[tuple[int, bytes, bool]] = []
         self._push_timer: asyncio.TimerHandle | None = None
         self._epoch = port.epoch
+        self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid()
 
     # -- control (called by the session) -------------------------------------------
     def stop(self) -> None:
@@ -285,9 +286,7 @@ class SessionConsumer:
     # -- the result pipeline -----------------------------------------------------
     def _queue_final(self, seq: int, final: bytes, *, store: bool, failed: bool = True) -> None:
         if not self._collected:
-            self._hold_timer = asyncio.get_running_loop().call_later(
-                HOLD_RESULTS, self._flush_collected
-            )
+            self._hold_timer = self._loop.call_later(HOLD_RESULTS, self._flush_collected)
         self._collected.append((seq, final, store, failed))
 
     def _flush_collected(self) -> None:
@@ -299,7 +298,7 @@ class SessionConsumer:
 
     def _write_collected(self) -> None:
         batch, self._collected = self._collected, []
-        self._writing = asyncio.create_task(self._write(batch))
+        self._writing = self._loop.create_task(self._write(batch))
 
     async def _write(self, batch: list[tuple[int, bytes, bool, bool]]) -> None:
         port = self.port
@@ -322,7 +321,7 @@ class SessionConsumer:
         for seq, final, store, _failed in batch:
             self._ready.append((seq, final, not store or next(stored)))
         if self._push_timer is None:
-            self._push_timer = asyncio.get_running_loop().call_later(HOLD_RESULTS, self._push_ready)
+            self._push_timer = self._loop.call_later(HOLD_RESULTS, self._push_ready)
         if self._collected and self._pipeline_error is None:
             self._write_collected()
         else:
@@ -356,7 +355,7 @@ class SessionConsumer:
         if attempt > self.max_attempts:
             message = f"request ran {attempt - 1} times and its process died each time"
             return encode_error(ErrorCode.CRASHED, message, rid, seq), True
-        loop = asyncio.get_running_loop()
+        loop = self._loop
         port = self.port
 
         def progress(data: Any) -> None:
@@ -388,8 +387,8 @@ class SessionConsumer:
                 await asyncio.sleep(delay)
             raise AssertionError("unreachable")
         finally:
-            metrics.request_seconds.labels(opname).observe(time.perf_counter() - started)
-            metrics.requests_finished.labels(opname, outcome).inc()
+            metrics.run_time(opname).observe(time.perf_counter() - started)
+            metrics.finished(opname, outcome).inc()
 
     async def _invoke(
         self, op: Operation, args: dict[str, Any], ctx: Context, timeout: float
@@ -403,10 +402,8 @@ class SessionConsumer:
         if op.is_async:
             coro = op.func(args, ctx)
         else:
-            coro = asyncio.get_running_loop().run_in_executor(
-                None, functools.partial(op.func, args, ctx)
-            )
-        handler = asyncio.ensure_future(_with_timeout(coro, timeout))
+            coro = self._loop.run_in_executor(None, functools.partial(op.func, args, ctx))
+        handler = self._loop.create_task(_with_timeout(coro, timeout))
         self._handler = handler
         try:
             value = await handler

@@ -45,6 +45,7 @@ class QueueFull(BrokerError):
 RecoverCallback = Callable[[], Awaitable[None]]
 ControlCallback = Callable[[bytes], None]
 CONTROL_EXCHANGE = "sessionq.control"
+TRANSIENT = aiormq.spec.Basic.Properties(delivery_mode=1)  # the store is what lasts
 
 
 class Broker:
@@ -245,11 +246,14 @@ class Broker:
         """
         if not self._up.is_set() or channel.is_closed:
             raise BrokerError("broker is unreachable")
-        message = aio_pika.Message(body, delivery_mode=aio_pika.DeliveryMode.NOT_PERSISTENT)
         try:
-            await channel.default_exchange.publish(
-                message, routing_key=queue, timeout=self.publish_timeout
-            )
+            # Straight to aiormq: an aio_pika.Message per publish costs more
+            # than the rest of the publish path (see docs/performance.md).
+            raw = await channel.get_underlay_channel()
+            await raw.basic_publish(
+                body, routing_key=queue, properties=TRANSIENT, mandatory=True,
+                timeout=self.publish_timeout,
+            )  # fmt: skip
         except aiormq.exceptions.PublishError as exc:
             raise BrokerError(f"queue {queue} is gone") from exc
         except aiormq.exceptions.DeliveryError as exc:

@@ -272,7 +272,7 @@ class Connection:
             session = self.session
             assert session is not None
             if isinstance(frame, Submit):
-                frames_in.labels("submit").inc()
+                metrics.submits_in.inc()
                 if self.server.stopping:
                     self.outbox.push(encode_error(
                         ErrorCode.UNAVAILABLE, "the server is shutting down; resume later", frame.id

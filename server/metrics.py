@@ -7,6 +7,9 @@ aggregate at the load balancer (docs/operations.md).
 
 from __future__ import annotations
 
+import functools
+from typing import Any
+
 from prometheus_client import CONTENT_TYPE_LATEST, Counter, Gauge, Histogram, generate_latest
 
 NS = "sessionq"
@@ -34,6 +37,21 @@ broker_up = Gauge(f"{NS}_broker_up", "1 while the AMQP connection is open")
 broker_reconnects = Counter(f"{NS}_broker_reconnects_total", "AMQP reconnections")
 store_errors = Counter(f"{NS}_store_errors_total", "Store operations that failed")
 closes = Counter(f"{NS}_closes_total", "Connections closed by the server", ["code"])
+
+
+# Hot-path children, bound once per label set: ``labels()`` costs a lock and
+# a dict lookup per call, several per request otherwise.
+@functools.lru_cache(maxsize=4096)
+def finished(op: str, outcome: str) -> Any:
+    return requests_finished.labels(op, outcome)
+
+
+@functools.lru_cache(maxsize=1024)
+def run_time(op: str) -> Any:
+    return request_seconds.labels(op)
+
+
+submits_in = frames_in.labels("submit")
 
 
 def render() -> tuple[bytes, str]:
