@@ -132,7 +132,6 @@ class Connection:
 
     async def run(self) -> None:
         metrics.connections.inc()
-        writer = asyncio.create_task(self.outbox.run(), name="outbox")
         slot = False
         try:
             identity = await self._authenticate()
@@ -161,11 +160,7 @@ class Connection:
                 self.session.detach(self.outbox)
             if slot and self.identity is not None:
                 self.server.free_user_slot(self.identity.username)
-            if not self.outbox.closed:
-                # Let queued frames (e.g. the last error) go out before closing.
-                self.outbox.closed = True
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
+            await self.outbox.stop()
             if self._closing is not None:
                 await asyncio.gather(self._closing, return_exceptions=True)
             metrics.connections.dec()

@@ -37,7 +37,7 @@ class Outbox:
         self._frames: deque[bytes] = deque()
         self._held: list[bytes] | None = None  # live frames kept back during a replay
         self._size = 0
-        self._wake = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
         self._empty = asyncio.Event()
         self._empty.set()
         self._sent = asyncio.Event()
@@ -55,7 +55,13 @@ class Outbox:
             return
         self._frames.append(frame)
         self._empty.clear()
-        self._wake.set()
+        self._start()
+
+    def _start(self) -> None:
+        # The writer runs while there is something to write: an idle
+        # connection holds no writer task.
+        if self.task is None and not self.closed:
+            self.task = asyncio.create_task(self.run())
 
     def hold(self) -> None:
         """Keep live frames back while a resume replay is sent."""
@@ -74,7 +80,7 @@ class Outbox:
         self._size += len(frame)
         self._frames.append(frame)
         self._empty.clear()
-        self._wake.set()
+        self._start()
 
     def release(self, keep: Callable[[bytes], bool]) -> None:
         """Send the held live frames after the replay, dropping those for which
@@ -87,7 +93,7 @@ class Outbox:
                 self._size -= len(frame)
         if self._frames:
             self._empty.clear()
-            self._wake.set()
+            self._start()
 
     def slow(self) -> None:
         if self.closed:
@@ -121,25 +127,32 @@ class Outbox:
         protocol = ws.protocol
         loop = asyncio.get_running_loop()
         try:
-            while not self.closed:
-                await self._wake.wait()
-                self._wake.clear()
-                while self._frames and not self.closed:
-                    if protocol.state is not State.OPEN:
-                        raise ConnectionClosed(None, None)
-                    size = 0
-                    for _ in range(min(len(self._frames), BURST)):
-                        frame = self._frames.popleft()
-                        size += len(frame)
-                        protocol.send_text(frame)
-                    self._size -= size
-                    ws.send_data()
-                    async with asyncio.timeout_at(loop.time() + self.slow_timeout):
-                        await ws.drain()
-                    self._sent.set()
-                if not self._frames:
-                    self._empty.set()
+            while self._frames and not self.closed:
+                if protocol.state is not State.OPEN:
+                    raise ConnectionClosed(None, None)
+                size = 0
+                for _ in range(min(len(self._frames), BURST)):
+                    frame = self._frames.popleft()
+                    size += len(frame)
+                    protocol.send_text(frame)
+                self._size -= size
+                ws.send_data()
+                async with asyncio.timeout_at(loop.time() + self.slow_timeout):
+                    await ws.drain()
+                self._sent.set()
         except TimeoutError:
             self.slow()
         except (ConnectionClosed, OSError):
             self.closed = True
+        finally:
+            self.task = None
+            if not self._frames:
+                self._empty.set()
+
+    async def stop(self) -> None:
+        """Stop writing (the connection is over)."""
+        self.closed = True
+        task = self.task
+        if task is not None:
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)

@@ -92,7 +92,6 @@ class Session:
         self.resumed_from_store = last_seq > 0  # ids before this process: ask the store
         self._incoming: list[_Pending] = []
         self._incoming_ids: dict[str, _Pending] = {}
-        self._wake = asyncio.Event()
         self._accept_waiter: tuple[int, asyncio.Future[None]] | None = None
         self._cancels: dict[int, asyncio.Future[bytes]] = {}
         self._submit_times: list[float] = []
@@ -115,8 +114,6 @@ class Session:
     async def start(self, unfinished: list[tuple[int, str, str, str, int]] | None = None) -> None:
         """Declare a fresh queue, (re)publish ``unfinished`` requests from the
         store in seq order, and start the consumer and the submit pump."""
-        if self._pump_task is None:
-            self._pump_task = asyncio.create_task(self._pump(), name=f"pump-{self.session_id}")
         if unfinished:
             for item in unfinished:
                 self.unfinished[item[0]] = item[1]
@@ -322,7 +319,8 @@ class Session:
         pending = _Pending(frame, args_json)
         self._incoming.append(pending)
         self._incoming_ids[rid] = pending
-        self._wake.set()
+        if self._pump_task is None:  # started per burst: an idle session holds no task
+            self._pump_task = asyncio.create_task(self._pump())
 
     def _rate_ok(self) -> bool:
         now = time.monotonic()
@@ -339,9 +337,7 @@ class Session:
         self.push(encode_error(code, message, rid))
 
     async def _pump(self) -> None:
-        while True:
-            await self._wake.wait()
-            self._wake.clear()
+        try:
             while self._incoming:
                 batch = self._incoming[: self.settings.batch_max]
                 del self._incoming[: len(batch)]
@@ -350,6 +346,8 @@ class Session:
                 finally:
                     for pending in batch:
                         self._incoming_ids.pop(pending.frame.id, None)
+        finally:
+            self._pump_task = None
 
     async def _accept(self, batch: list[_Pending]) -> None:
         if self.resumed_from_store:
