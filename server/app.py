@@ -22,7 +22,7 @@ from collections.abc import AsyncIterator
 from concurrent.futures import Executor, ProcessPoolExecutor
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from loguru import logger
 from websockets.asyncio.server import Server as WSServer
@@ -71,6 +71,7 @@ class Server:
         self.sessions: dict[str, Session] = {}
         self.user_connections: Counter[str] = Counter()
         self._claim_locks: dict[str, asyncio.Lock] = {}
+        self.open_sockets: set[SQConnection] = set()
         self._crashed_owner: set[str] = set()  # claimed from a dead owner, not yet started
         self.cpu_pool: Executor | None = None
         self.stopping = False
@@ -105,8 +106,9 @@ class Server:
             create_connection=SQConnection,
             max_size=settings.max_message_bytes,
             compression="deflate" if settings.compression else None,
-            ping_interval=20,
-            ping_timeout=20,
+            # One keepalive task for all connections (see _keepalive) instead
+            # of websockets' task per connection: idle sessions are cheaper.
+            ping_interval=None,
             close_timeout=5,
             server_header="sessionq",
         )
@@ -121,6 +123,7 @@ class Server:
         self._tasks.append(asyncio.create_task(self._renew_leases(), name="leases"))
         self._tasks.append(asyncio.create_task(self._purge(), name="purge"))
         self._tasks.append(asyncio.create_task(self._adopt_orphans(), name="orphans"))
+        self._tasks.append(asyncio.create_task(self._keepalive(), name="keepalive"))
         logger.info("sessionq serving on {}:{} as {}", settings.host, self.port, self.owner)
 
     async def stop(self) -> None:
@@ -308,7 +311,32 @@ class Server:
     # -- connections and sessions ----------------------------------------------
     async def _handle(self, ws: ServerConnection) -> None:
         assert isinstance(ws, SQConnection)
-        await Connection(self, ws).run()
+        self.open_sockets.add(ws)
+        try:
+            await Connection(self, ws).run()
+        finally:
+            self.open_sockets.discard(ws)
+
+    async def _keepalive(self) -> None:
+        """Ping every connection each SESSIONQ_KEEPALIVE seconds; one whose previous
+        ping got no pong by then is dead (e.g. a vanished peer) and is closed
+        with 1011, as websockets' own keepalive would."""
+        pending: dict[SQConnection, asyncio.Future[float]] = {}
+        while True:
+            await asyncio.sleep(self.settings.keepalive)
+            for ws in list(self.open_sockets):
+                waiter = pending.pop(ws, None)
+                if waiter is not None and not waiter.done():
+                    ws.protocol.fail(1011, "keepalive ping timeout")
+                    ws.send_data()
+                    ws.transport.close()
+                    continue
+                try:
+                    pending[ws] = cast("asyncio.Future[float]", await ws.ping())
+                except Exception:  # closing already: nothing to keep alive
+                    continue
+            for ws in [w for w in pending if w not in self.open_sockets]:
+                del pending[ws]
 
     def take_user_slot(self, username: str) -> bool:
         key = username.lower()

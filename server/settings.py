@@ -71,6 +71,7 @@ class Settings:
     login_window: float = 60.0
     auth_tries: int = 5
     bcrypt_rounds: int = 12
+    keepalive: float = 20.0
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -123,7 +124,7 @@ class Settings:
             "max_connections_per_user", "workers", "max_attempts", "result_ttl",
             "op_timeout", "amqp_channels", "prefetch", "batch_max", "publish_timeout",
             "slow_client_timeout", "lease_seconds", "login_failures", "login_window",
-            "auth_tries", "bcrypt_rounds",
+            "auth_tries", "bcrypt_rounds", "keepalive",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

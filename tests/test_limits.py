@@ -186,3 +186,27 @@ async def test_registration_can_be_closed(
         for _ in range(10):
             await client.send({"type": "register", "username": unique_name(), "password": PASSWORD})
             await client.recv()
+
+
+async def test_a_peer_that_stops_answering_pings_is_closed(
+    server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    """One keepalive for all connections: a peer that vanished (never answers a
+    ping) is closed with 1011 after two keepalive periods; others stay."""
+    server = await server_factory(keepalive=0.2)
+    alive = await user_client(target=server)  # its library answers pings
+    reader, writer = await asyncio.open_connection("127.0.0.1", server.port)
+    writer.write(
+        b"GET /ws HTTP/1.1\r\nHost: 127.0.0.1\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
+    )
+    assert (await reader.readline()).startswith(b"HTTP/1.1 101")
+    assert len(server.open_sockets) == 2
+    # Never answer: the server pings, waits a period, then gives up.
+    async with asyncio.timeout(UNIT):
+        while await reader.read(4096):
+            pass
+    writer.close()
+    assert len(server.open_sockets) == 1
+    await alive.send({"type": "status"})
+    assert (await alive.recv())["type"] == "status"
