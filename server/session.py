@@ -404,15 +404,16 @@ class Session:
     async def _drop_known(self, batch: list[_Pending]) -> list[_Pending]:
         """For a session that existed before this process owned it: answer ids
         the store already has with their original ``accepted``."""
+        known = await self.store.seqs_of(self.session_id, [p.frame.id for p in batch])
         keep = []
         for p in batch:
-            record = await self.store.find_request(self.session_id, p.frame.id)
-            if record is None:
+            seq = known.get(p.frame.id)
+            if seq is None:
                 keep.append(p)
                 continue
-            self.ids[p.frame.id] = (record.seq, 0)
+            self.ids[p.frame.id] = (seq, 0)
             for _ in range(1 + p.duplicates):
-                self.push(encode_accepted(p.frame.id, record.seq, 0))
+                self.push(encode_accepted(p.frame.id, seq, 0))
         return keep
 
     async def cancel(self, rid: str) -> None:

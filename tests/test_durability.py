@@ -167,6 +167,13 @@ async def test_second_server_takes_over_on_resume(
     await other.submit("r6", "echo", {})
     assert finals_of(await other.finals(1))[0]["seq"] == 6
     assert session in two.sessions and session not in one.sessions
+    # Ids accepted by the previous owner are still known: answered, not re-run.
+    await other.submit("r2", "echo", {"i": 2})
+    await other.submit("r7", "echo", {})
+    frames = await other.finals(1)
+    assert [(f["type"], f["id"], f["seq"]) for f in frames] == [
+        ("accepted", "r2", 2), ("accepted", "r7", 7), ("result", "r7", 7)
+    ]  # fmt: skip
 
 
 async def test_store_write_failure_refuses_instead_of_accepting(

@@ -528,3 +528,12 @@ async def test_finish_requests_records_several_at_once(store: Store) -> None:
     assert (await store.session_counts(sid)).pending == 0
     with pytest.raises(Fenced):
         await store.finish_requests(sid, 0, [(1, "{}", False)], 8.0)
+
+
+async def test_seqs_of_finds_the_ids_a_session_has(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2, 3), now=5.0)
+    assert await store.seqs_of(sid, ["c1", "c3", "nope"]) == {"c1": 1, "c3": 3}
+    assert await store.seqs_of(sid, []) == {}
+    other = await new_session(store, "s2")
+    assert await store.seqs_of(other, ["c1"]) == {}

@@ -217,6 +217,17 @@ class Store(abc.ABC):
     async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
         """The request of this session with that client id, if any."""
 
+    async def seqs_of(self, session_id: str, client_ids: Sequence[str]) -> dict[str, int]:
+        """{client id: seq} for those of ``client_ids`` this session has, in
+        one query (duplicate-id checks of a whole submit batch). Backends
+        override this default."""
+        found = {}
+        for client_id in client_ids:
+            record = await self.find_request(session_id, client_id)
+            if record is not None:
+                found[client_id] = record.seq
+        return found
+
     @abc.abstractmethod
     async def unfinished(self, session_id: str) -> list[RequestRecord]:
         """Requests not DONE, in seq order."""

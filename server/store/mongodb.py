@@ -377,6 +377,16 @@ class MongoStore(Store):
         return None if doc is None else _request(doc)
 
     @translated
+    async def seqs_of(self, session_id: str, client_ids: Sequence[str]) -> dict[str, int]:
+        if not client_ids:
+            return {}
+        cursor = self._requests.find(
+            {"session_id": session_id, "client_id": {"$in": list(client_ids)}},
+            {"client_id": True, "seq": True},
+        )
+        return {doc["client_id"]: doc["seq"] for doc in await cursor.to_list()}
+
+    @translated
     async def unfinished(self, session_id: str) -> list[RequestRecord]:
         cursor = self._requests.find({"session_id": session_id, "state": NOT_DONE}).sort("seq")
         return [_request(doc) for doc in await cursor.to_list()]

@@ -426,6 +426,18 @@ class SqliteStore(Store):
         )
         return None if row is None else _request(row)
 
+    async def seqs_of(self, session_id: str, client_ids: Sequence[str]) -> dict[str, int]:
+        if not client_ids:
+            return {}
+        marks = ",".join("?" * len(client_ids))
+        rows = await self._read(
+            lambda c: c.execute(
+                f"SELECT client_id, seq FROM requests WHERE session_id = ? AND client_id IN ({marks})",
+                (session_id, *client_ids),
+            ).fetchall()
+        )
+        return {client_id: seq for client_id, seq in rows}
+
     async def unfinished(self, session_id: str) -> list[RequestRecord]:
         rows = await self._read(
             lambda c: c.execute(
