@@ -41,10 +41,11 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import orjson
 from websockets.asyncio.client import ClientConnection, connect
@@ -71,6 +72,20 @@ def machine_busy_seconds() -> float:
         parts = f.readline().split()
     user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in parts[1:9])
     return (user + nice + system + irq + softirq + steal) / CLOCK_TICKS
+
+
+def rabbitmq_status() -> dict[str, Any]:
+    """``rabbitmqctl status`` as JSON (raises OSError, SubprocessError or
+    ValueError when the node cannot be asked)."""
+    out = subprocess.run(
+        ["rabbitmqctl", "status", "--formatter", "json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    ).stdout
+    status: dict[str, Any] = json.loads(out)
+    return status
 
 
 def find_broker_pid() -> int | None:

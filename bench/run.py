@@ -70,6 +70,7 @@ from bench.loadgen import (
     closed_loop,
     find_broker_pid,
     open_files_limit,
+    rabbitmq_status,
     wait_port,
 )
 
@@ -632,14 +633,7 @@ def _mem_total() -> str:
 def _rabbitmq() -> tuple[str, str]:
     """RabbitMQ and Erlang versions from the running node, else from the package."""
     try:
-        out = subprocess.run(
-            ["rabbitmqctl", "status", "--formatter", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-        status = json.loads(out)
+        status = rabbitmq_status()
         erlang = " ".join(status.get("erlang_version", "").split()[:3])
         return status.get("rabbitmq_version", "unknown"), erlang
     except (OSError, subprocess.SubprocessError, ValueError):

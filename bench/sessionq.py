@@ -59,7 +59,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from bench.loadgen import CpuMeter, LoadResult, find_broker_pid
+from bench.loadgen import CpuMeter, LoadResult, find_broker_pid, rabbitmq_status
 
 if TYPE_CHECKING:
     from bench.run import Context, Row, Scenario, Server
@@ -501,14 +501,7 @@ def broker_memory() -> dict[str, int | None]:
     pid = find_broker_pid()
     out: dict[str, int | None] = {"beam_rss_kib": _vmrss_kib(pid) if pid else None}
     try:
-        raw = subprocess.run(
-            ["rabbitmqctl", "status", "--formatter", "json"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            check=True,
-        ).stdout
-        status = json.loads(raw)
+        status = rabbitmq_status()
         mem = status.get("memory", {})
         total = mem.get("total", {})
         out["erlang_kib"] = int(total["erlang"]) // 1024 if "erlang" in total else None

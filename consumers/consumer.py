@@ -27,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
@@ -49,7 +49,6 @@ from protocol import (
     encode_progress,
     encode_result,
 )
-from server import metrics
 
 HOLD_RESULTS = 0.005  # longest a finished result waits for the rest of its message
 MAX_GROUP = 64  # delivered messages run as one unit
@@ -61,6 +60,9 @@ def _ready(iterator: AbstractQueueIterator) -> bool:
     if that ever changes, messages simply run one by one."""
     ready = getattr(iterator, "_queue", None)
     return ready is not None and not ready.empty()
+
+
+Observer = Callable[[str, str, float], None]  # (op, outcome, seconds): metrics hook
 
 
 class Finisher(Protocol):
@@ -136,6 +138,7 @@ class SessionConsumer:
         op_timeout: float,
         max_attempts: int,
         cpu_pool: Executor | None,
+        observe: Observer | None = None,
     ) -> None:
         self.port = port
         self.store = store
@@ -145,6 +148,7 @@ class SessionConsumer:
         self.op_timeout = op_timeout
         self.max_attempts = max_attempts
         self.cpu_pool = cpu_pool
+        self.observe = observe
         self.running_seq: int | None = None  # taken from the queue, being started or run
         self.started_seq: int | None = None  # ... and its start is stored
         self._running_op = ""
@@ -387,8 +391,8 @@ class SessionConsumer:
                 await asyncio.sleep(delay)
             raise AssertionError("unreachable")
         finally:
-            metrics.run_time(opname).observe(time.perf_counter() - started)
-            metrics.finished(opname, outcome).inc()
+            if self.observe is not None:
+                self.observe(opname, outcome, time.perf_counter() - started)
 
     async def _invoke(
         self, op: Operation, args: dict[str, Any], ctx: Context, timeout: float

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 import bcrypt
 import jwt
 
-from protocol import ErrorCode
+from protocol import ErrorCode, valid_username, weak_password
 from server.store import Store, UserExists
 
 ALGORITHM = "HS256"
@@ -156,8 +156,6 @@ class Authenticator:
         return self.issue(user.username)
 
     async def register(self, username: str, password: str) -> Identity:
-        from protocol import valid_username, weak_password
-
         if not valid_username(username):
             raise AuthError(
                 ErrorCode.BAD_REQUEST, "username must be 1..64 characters of A-Z a-z 0-9 _ . -"

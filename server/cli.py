@@ -28,7 +28,7 @@ from loguru import logger
 
 from server.settings import Settings, SettingsError, env_name
 
-SERVE_FLAGS = [f.name for f in fields(Settings) if f.name != "extra"]
+SERVE_FLAGS = [f.name for f in fields(Settings)]
 
 
 def _add_serve_flags(parser: argparse.ArgumentParser) -> None:

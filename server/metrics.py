@@ -51,6 +51,12 @@ def run_time(op: str) -> Any:
     return request_seconds.labels(op)
 
 
+def observe_request(op: str, outcome: str, seconds: float) -> None:
+    """The consumer's hook: one finished request."""
+    run_time(op).observe(seconds)
+    finished(op, outcome).inc()
+
+
 submits_in = frames_in.labels("submit")
 
 

@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from aio_pika.abc import AbstractChannel, AbstractQueue
 from loguru import logger
@@ -144,6 +144,7 @@ class Session:
             op_timeout=self.settings.op_timeout,
             max_attempts=self.settings.max_attempts,
             cpu_pool=self.cpu_pool,
+            observe=metrics.observe_request,
         )
         self.channel, self.queue, self.queue_generation = channel, queue, generation
         self.consumer = consumer
@@ -472,6 +473,3 @@ class Session:
             return encode_status(self.session_id, pending, self.last_seq, last_done,
                                  rid, "queued", ahead)  # fmt: skip
         return encode_status(self.session_id, pending, self.last_seq, last_done, rid, "done")
-
-    def describe(self) -> dict[str, Any]:
-        return {"session": self.session_id, "state": self.state, "pending": len(self.unfinished)}

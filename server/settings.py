@@ -12,7 +12,7 @@ import dataclasses
 import os
 import secrets
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +72,6 @@ class Settings:
     auth_tries: int = 5
     bcrypt_rounds: int = 12
     keepalive: float = 20.0
-    extra: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def production(self) -> bool:
@@ -85,8 +84,6 @@ class Settings:
         env = os.environ if environ is None else environ
         values: dict[str, Any] = {}
         for f in fields(cls):
-            if f.name == "extra":
-                continue
             name = env_name(f.name)
             if name in env and env[name] != "":
                 values[f.name] = _convert(f.name, env[name])
