@@ -2,13 +2,20 @@
 
 Ordering rules (the reason this file is shaped as it is):
 
-* Messages come from ``queue.iterator()`` one at a time (``queue.consume`` with a
-  callback would start a task per message and lose the order). A prefetch above
-  one only pipelines deliveries; processing and acks stay strictly in order.
+* Deliveries are appended to an inbox by a callback that does nothing else
+  (aio-pika's ``queue.consume`` would run a task per message and lose the
+  order; aiormq's own per-delivery tasks start in delivery order and finish
+  in their first step). One task takes what the inbox holds and runs it; it
+  exists only while there is something to run, so an idle session costs no
+  task. A prefetch above one only pipelines deliveries; processing and acks
+  stay strictly in order.
 * One broker message carries one or more consecutive requests of the session
   (the submit path coalesces what arrived together). They run in seq order.
 * A request starts only after its ``accepted`` frame was queued for sending,
   so a client never sees progress or a result before ``accepted``.
+* Handlers run in that task, started eagerly: one that finishes without
+  waiting (``echo``, ``kv.get``) costs no task and no timer; one that waits
+  runs on under its time limit in the same task.
 * A result is written to the store before its frame is sent, and the message
   is acked only after every request in it has its result stored. Result
   writes are pipelined (see ``_process``).
@@ -27,16 +34,13 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
-from collections.abc import Callable, Mapping, Sequence
+import types
+from collections import deque
+from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
 from concurrent.futures import Executor
 from typing import Any, Protocol
 
-from aio_pika.abc import (
-    AbstractChannel,
-    AbstractIncomingMessage,
-    AbstractQueue,
-    AbstractQueueIterator,
-)
+from aiormq.abc import AbstractChannel, DeliveredMessage
 from loguru import logger
 
 from consumers.context import KV, Context
@@ -52,14 +56,7 @@ from protocol import (
 
 HOLD_RESULTS = 0.005  # longest a finished result waits for the rest of its message
 MAX_GROUP = 64  # delivered messages run as one unit
-
-
-def _ready(iterator: AbstractQueueIterator) -> bool:
-    """Whether the iterator holds another delivered message, so that the next
-    ``__anext__`` returns without waiting. aio-pika keeps them in ``_queue``;
-    if that ever changes, messages simply run one by one."""
-    ready = getattr(iterator, "_queue", None)
-    return ready is not None and not ready.empty()
+CANCEL_TIMEOUT = 5.0  # bound on basic.cancel when the consumer stops
 
 
 Observer = Callable[[str, str, float], None]  # (op, outcome, seconds): metrics hook
@@ -82,6 +79,10 @@ class SessionPort(Protocol):
 
     def push(self, frame: bytes) -> None:
         """Queue a frame for the client; never blocks (no-op when detached)."""
+
+    def push_final(self, seq: int, frame: bytes) -> None:
+        """Queue seq's stored final frame, unless a resume replay already
+        sent it from the store."""
 
     async def wait_accepted(self, seq: int) -> None:
         """Return once ``accepted`` for seq has been queued for sending."""
@@ -151,13 +152,18 @@ class SessionConsumer:
         self.observe = observe
         self.running_seq: int | None = None  # taken from the queue, being started or run
         self.started_seq: int | None = None  # ... and its start is stored
+        self.running_since: float | None = None  # loop.time() its handler started
         self._running_op = ""
-        self._handler: asyncio.Task[Any] | None = None
+        self._in_handler = False  # the worker task is inside a handler's await
         self._cancel_seq: int | None = None
-        self._iterator: AbstractQueueIterator | None = None
+        self._cancel_sent = False  # the worker task was cancelled for _cancel_seq
         self._stop = False
-        self._closer: asyncio.Future[Any] | None = None
         self._channel: AbstractChannel | None = None
+        self._tag: str | None = None
+        self._inbox: deque[DeliveredMessage] = deque()
+        self._worker: asyncio.Task[None] | None = None  # only while there is work
+        self._ended: asyncio.Future[None] | None = None
+        self._ending: asyncio.Task[None] | None = None
         self._collected: list[tuple[int, bytes, bool, bool]] = []
         self._writing: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
@@ -169,12 +175,56 @@ class SessionConsumer:
         self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid()
 
     # -- control (called by the session) -------------------------------------------
+    async def start(self, channel: AbstractChannel, queue: str) -> None:
+        """Subscribe to the session's queue; deliveries are run as they come."""
+        self._channel = channel
+        ok = await channel.basic_consume(queue, self._deliver)
+        self._tag = ok.consumer_tag
+
     def stop(self) -> None:
-        """Finish the running request, start nothing more, then return from run()."""
+        """Finish the running request, start nothing more, then end (see
+        :meth:`wait_ended`)."""
         self._stop = True
-        if self.running_seq is None and self._iterator is not None and self._closer is None:
-            # Idle in `async for`: closing the iterator wakes it up.
-            self._closer = asyncio.ensure_future(self._iterator.close())
+        if self._worker is None:
+            self._end()
+
+    def abort(self) -> None:
+        """Stop now, interrupting the running request (shutdown past its grace)."""
+        self._stop = True
+        if self._worker is not None:
+            self._worker.cancel()
+        else:
+            self._end()
+
+    async def wait_ended(self) -> None:
+        """Return once the consumer has stopped for good: no request running,
+        none will start, and the broker no longer delivers to it."""
+        if self._ended is None:
+            self._ended = self._loop.create_future()
+        await asyncio.shield(self._ended)
+
+    @property
+    def ended(self) -> bool:
+        return self._ending is not None and self._ending.done()
+
+    def _end(self) -> None:
+        if self._ending is None:
+            self._ending = self._loop.create_task(self._unsubscribe())
+
+    async def _unsubscribe(self) -> None:
+        # Cancelling the subscription hands undelivered and unacked messages
+        # back to the queue, which the broker then deletes (auto-delete) or the
+        # session deletes; the store still has whatever they carried.
+        channel, tag = self._channel, self._tag
+        if channel is not None and tag is not None and not channel.is_closed:
+            try:
+                await channel.basic_cancel(tag, timeout=CANCEL_TIMEOUT)
+            except Exception as exc:  # channel or broker gone: nothing to cancel
+                logger.debug("basic.cancel: {!r}", exc)
+        if self._ended is None:
+            self._ended = self._loop.create_future()
+        if not self._ended.done():
+            self._ended.set_result(None)
 
     def cancel_running(self, seq: int) -> bool:
         """Interrupt the running request if it is ``seq`` and its handler allows
@@ -187,39 +237,52 @@ class SessionConsumer:
         if op is not None and not op.cancellable:
             return False
         self._cancel_seq = seq
-        if self._handler is not None:
-            self._handler.cancel()
+        if self._in_handler and not self._cancel_sent and self._worker is not None:
+            self._cancel_sent = True
+            self._worker.cancel()
         return True
 
     # -- the loop ------------------------------------------------------------------
-    async def run(self, queue: AbstractQueue) -> None:
-        """Consume until stop() or until the channel dies."""
-        self._channel = queue.channel
-        self._iterator = queue.iterator()
+    async def _deliver(self, message: DeliveredMessage) -> None:
+        """aiormq's delivery callback (it runs each in a task of its own, in
+        delivery order): keep the message, wake the worker. Never awaits, so
+        the order holds."""
+        if self._stop:
+            return  # unacked: handed back to the queue by basic.cancel
+        self._inbox.append(message)
+        if self._worker is None:
+            self._worker = self._loop.create_task(self._work())
+
+    async def _work(self) -> None:
+        inbox = self._inbox
         try:
-            async with self._iterator as iterator:
-                async for message in iterator:
-                    # Take every message already delivered too (prefetch): run
-                    # them as one unit, so their results go out as one burst.
-                    messages = [message]
-                    while _ready(iterator) and len(messages) < MAX_GROUP:
-                        messages.append(await iterator.__anext__())
-                    done = await self._process(messages)
-                    if done:
-                        try:
-                            for each in messages:
-                                await each.ack()
-                        except Exception as exc:  # channel gone: recovery re-publishes
-                            logger.debug("ack failed: {}", exc)
-                            return
-                    if self._stop:
-                        return
+            while inbox and not self._stop:
+                # Take every message already delivered (prefetch): run them
+                # as one unit, so their results go out as one burst.
+                messages = [inbox.popleft() for _ in range(min(len(inbox), MAX_GROUP))]
+                if not await self._process(messages):
+                    self._stop = True  # not ours to run any more: end
+                    break
+                channel = self._channel
+                assert channel is not None
+                for message in messages:
+                    tag = message.delivery_tag
+                    assert tag is not None
+                    await channel.basic_ack(tag, wait=False)
         except asyncio.CancelledError:
+            self._stop = True
             raise
         except Exception as exc:
-            # Channel or connection closed under us. Whatever is unfinished is
-            # in the store; the session's recovery re-publishes it.
+            # The channel closed under us, or a result could not be stored.
+            # Whatever is unfinished is in the store; the session's recovery
+            # (or the next owner) re-publishes it.
+            self._stop = True
             logger.bind(session=self.port.session_id).debug("consumer ended: {!r}", exc)
+        finally:
+            self._worker = None
+            if self._stop:
+                inbox.clear()
+                self._end()
 
     def _can_start(self) -> bool:
         # A dead channel means the broker's copy is gone: the session's
@@ -233,7 +296,7 @@ class SessionConsumer:
             and (channel is None or not channel.is_closed)
         )
 
-    async def _process(self, messages: list[AbstractIncomingMessage]) -> bool:
+    async def _process(self, messages: list[DeliveredMessage]) -> bool:
         """Run every request carried by the messages, in order; True once all
         of them have their final frame stored (then the messages may be acked).
 
@@ -275,10 +338,11 @@ class SessionConsumer:
                     break
             self.running_seq = self.started_seq = seq
             self._running_op = opname
+            self.running_since = self._loop.time()
             try:
                 final, failed = await self._run(seq, rid, opname, args, attempt)
             finally:
-                self.running_seq = self.started_seq = None
+                self.running_seq = self.started_seq = self.running_since = None
             self._queue_final(seq, final, store=True, failed=failed)
         self._flush_collected()
         await self._drain_pipeline()
@@ -343,7 +407,7 @@ class SessionConsumer:
         for seq, final, send in ready:
             port.finished(seq)
             if send:
-                port.push(final)
+                port.push_final(seq, final)
 
     async def _drain_pipeline(self) -> None:
         while self._writing is not None:
@@ -403,22 +467,19 @@ class SessionConsumer:
             self._cancel_seq = None
             frame = encode_error(ErrorCode.CANCELLED, "cancelled before it started", rid, seq)
             return frame, True, "cancelled", False
-        if op.is_async:
-            coro = op.func(args, ctx)
-        else:
-            coro = self._loop.run_in_executor(None, functools.partial(op.func, args, ctx))
-        handler = self._loop.create_task(_with_timeout(coro, timeout))
-        self._handler = handler
+        self._in_handler = True
         try:
-            value = await handler
+            value = await self._call(op, args, ctx, self._loop.time() + timeout)
         except _Expired:
             frame = encode_error(ErrorCode.TIMEOUT, f"op took longer than {timeout:g}s", rid, seq)
             return frame, True, "timeout", True
         except asyncio.CancelledError:
-            task = asyncio.current_task()
-            if self._cancel_seq == seq and task is not None and not task.cancelling():
-                frame = encode_error(ErrorCode.CANCELLED, "cancelled while running", rid, seq)
-                return frame, True, "cancelled", False
+            if self._cancel_sent and self._cancel_seq == seq:
+                self._cancel_sent = False
+                task = asyncio.current_task()
+                if task is not None and task.uncancel() == 0:  # ours alone, not a shutdown
+                    frame = encode_error(ErrorCode.CANCELLED, "cancelled while running", rid, seq)
+                    return frame, True, "cancelled", False
             raise
         except OpError as exc:
             return encode_error(exc.code, exc.message, rid, seq), True, exc.code, exc.retryable
@@ -427,7 +488,12 @@ class SessionConsumer:
             frame = encode_error(ErrorCode.HANDLER_ERROR, _describe(exc), rid, seq)
             return frame, True, "handler_error", True
         finally:
-            self._handler = None
+            self._in_handler = False
+            if self._cancel_sent:  # delivered, but the handler swallowed it
+                self._cancel_sent = False
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
             self._cancel_seq = None
         try:
             return encode_result(rid, seq, value), False, "result", False
@@ -440,20 +506,58 @@ class SessionConsumer:
                 False,
             )
 
+    async def _call(
+        self, op: Operation, args: dict[str, Any], ctx: Context, deadline: float
+    ) -> Any:
+        """Run the handler in this task and return its value. An async handler
+        is started eagerly: if it returns without waiting, that is all (no
+        task, no timer); if it waits, it goes on under its deadline."""
+        if not op.is_async:
+            call = functools.partial(op.func, args, ctx)
+            return await _with_deadline(self._loop.run_in_executor(None, call), deadline)
+        coro = op.func(args, ctx)
+        try:
+            waiting_on = coro.send(None)
+        except StopIteration as done:
+            return done.value
+        return await _with_deadline(_resume(coro, waiting_on), deadline)
+
 
 class _Expired(Exception):
     """The handler ran past its time limit (distinct from a TimeoutError the
     handler itself raised)."""
 
 
-async def _with_timeout(awaitable: Any, timeout: float) -> Any:
+async def _with_deadline(awaitable: Any, deadline: float) -> Any:
     try:
-        async with asyncio.timeout(timeout) as cm:
+        async with asyncio.timeout_at(deadline) as cm:
             return await awaitable
     except TimeoutError:
         if cm.expired():
             raise _Expired() from None
         raise
+
+
+@types.coroutine
+def _resume(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
+    """Go on running a coroutine that was started by hand and is waiting on
+    ``waiting_on``: what ``await coro`` would have done from the start."""
+    while True:
+        try:
+            sent = yield waiting_on
+        except GeneratorExit:
+            coro.close()
+            raise
+        except BaseException as exc:  # cancellation or a deadline: into the handler
+            try:
+                waiting_on = coro.throw(exc)
+            except StopIteration as done:
+                return done.value
+        else:
+            try:
+                waiting_on = coro.send(sent)
+            except StopIteration as done:
+                return done.value
 
 
 def _describe(exc: BaseException) -> str:

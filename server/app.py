@@ -511,6 +511,7 @@ class Server:
                 await outbox.push_replayed(frame.encode())
                 replayed = seq
         finally:
+            session.replayed_through = max(session.replayed_through, replayed)
 
             def keep(frame: bytes) -> bool:
                 data = decode_json(frame)

@@ -28,10 +28,13 @@ from typing import Any
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractChannel, AbstractQueue
+from aio_pika.abc import AbstractChannel
+from aiormq.abc import AbstractChannel as RawChannel
 from loguru import logger
 
 from server import metrics
+
+__all__ = ["Broker", "BrokerError", "QueueFull", "RawChannel"]
 
 
 class BrokerError(Exception):
@@ -64,6 +67,7 @@ class Broker:
         self.generation = 0
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channels: list[AbstractChannel] = []
+        self._raw: list[RawChannel] = []  # the same channels, as aiormq sees them
         self._rr = itertools.count()
         self._up = asyncio.Event()  # the connection and channel pool are usable
         self._ready = asyncio.Event()  # ... and sessions have recovered on them
@@ -91,10 +95,9 @@ class Broker:
     async def send_control(self, body: bytes) -> None:
         """Tell every server process something (e.g. "release session S")."""
         channel = self.pick_channel()
-        exchange = await channel.get_exchange(CONTROL_EXCHANGE, ensure=False)
         try:
-            await exchange.publish(aio_pika.Message(body), routing_key="", mandatory=False,
-                                   timeout=self.publish_timeout)  # fmt: skip
+            await channel.basic_publish(body, exchange=CONTROL_EXCHANGE, routing_key="",
+                                        timeout=self.publish_timeout)  # fmt: skip
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerError(f"control publish failed: {exc!r}") from exc
 
@@ -179,6 +182,7 @@ class Broker:
         connection.close_callbacks.add(self._connection_closed)
         self._connection = connection
         self._channels = channels
+        self._raw = [await channel.get_underlay_channel() for channel in channels]
         logger.info("broker connected: {} ({} channels)", self.safe_url, len(channels))
 
     async def _listen_control(self, channel: AbstractChannel) -> None:
@@ -209,6 +213,7 @@ class Broker:
 
     async def _close_connection(self) -> None:
         connection, self._connection, self._channels = self._connection, None, []
+        self._raw = []
         if connection is not None and not connection.is_closed:
             try:
                 await asyncio.wait_for(connection.close(), 5)
@@ -216,18 +221,19 @@ class Broker:
                 pass
 
     # -- per-session queues ----------------------------------------------------
-    def pick_channel(self) -> AbstractChannel:
-        if not self._up.is_set() or not self._channels:
+    # Sessions talk to aiormq's channel directly: aio-pika's Queue, Message and
+    # IncomingMessage objects cost more than the AMQP work they wrap (see
+    # docs/performance.md), and a session needs none of what they add.
+    def pick_channel(self) -> RawChannel:
+        if not self._up.is_set() or not self._raw:
             raise BrokerError("broker is unreachable")
-        return self._channels[next(self._rr) % len(self._channels)]
+        return self._raw[next(self._rr) % len(self._raw)]
 
-    async def declare_session_queue(
-        self, channel: AbstractChannel, name: str, max_length: int
-    ) -> AbstractQueue:
+    async def declare_session_queue(self, channel: RawChannel, name: str, max_length: int) -> None:
         """Declare an exclusive, auto-delete queue that refuses publishes past
         ``max_length`` ready messages (instead of dropping the oldest)."""
         try:
-            return await channel.declare_queue(
+            await channel.queue_declare(
                 name,
                 exclusive=True,
                 auto_delete=True,
@@ -237,7 +243,15 @@ class Broker:
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerError(f"queue declare failed: {exc}") from exc
 
-    async def publish(self, channel: AbstractChannel, queue: str, body: bytes) -> None:
+    async def delete_queue(self, channel: RawChannel, name: str) -> None:
+        if channel.is_closed:
+            return  # the queue went with its channel's connection
+        try:
+            await channel.queue_delete(name, timeout=self.publish_timeout)
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
+            logger.debug("queue delete {}: {!r}", name, exc)
+
+    async def publish(self, channel: RawChannel, queue: str, body: bytes) -> None:
         """Publish one message and wait for its confirm (bounded).
 
         Raises QueueFull on a broker nack (x-overflow reject-publish), BrokerError
@@ -247,10 +261,7 @@ class Broker:
         if not self._up.is_set() or channel.is_closed:
             raise BrokerError("broker is unreachable")
         try:
-            # Straight to aiormq: an aio_pika.Message per publish costs more
-            # than the rest of the publish path (see docs/performance.md).
-            raw = await channel.get_underlay_channel()
-            await raw.basic_publish(
+            await channel.basic_publish(
                 body, routing_key=queue, properties=TRANSIENT, mandatory=True,
                 timeout=self.publish_timeout,
             )  # fmt: skip

@@ -24,7 +24,6 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from aio_pika.abc import AbstractChannel, AbstractQueue
 from loguru import logger
 
 from consumers.consumer import SessionConsumer, encode_batch
@@ -38,7 +37,7 @@ from protocol import (
     encode_status,
 )
 from server import metrics
-from server.broker import Broker, BrokerError, QueueFull
+from server.broker import Broker, BrokerError, QueueFull, RawChannel
 from server.settings import Settings
 from server.store import Fenced, NewRequest, Store, StoreError
 
@@ -53,6 +52,18 @@ class _Pending:
     frame: Submit
     args_json: str
     duplicates: int = 0
+    cancel: bool = False  # cancelled before it was accepted: cancel once it is
+
+
+# Submit coalescing (Session._wait_batch_done)
+GATHER = 0.002  # after a batch of several: time for the rest of the client's burst
+SLOW_OP = 0.01  # a running request this old is slow: stop holding submits for it
+HOLD_MAX = 0.25  # longest a submit waits for the session's previous batch
+
+
+def _wake(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)
 
 
 class Session:
@@ -90,17 +101,19 @@ class Session:
         self.unfinished: dict[int, str] = {}  # seq -> client id, in seq order
         self.ids: dict[str, tuple[int, int]] = {}  # client id -> (seq, ahead)
         self.resumed_from_store = last_seq > 0  # ids before this process: ask the store
+        self.replayed_through = 0  # finals up to here went out in a resume replay
         self._incoming: list[_Pending] = []
         self._incoming_ids: dict[str, _Pending] = {}
         self._accept_waiter: tuple[int, asyncio.Future[None]] | None = None
+        self._idle_waiter: asyncio.Future[None] | None = None
+        self._last_batch = 0
         self._cancels: dict[int, asyncio.Future[bytes]] = {}
         self._submit_times: list[float] = []
 
-        self.channel: AbstractChannel | None = None
-        self.queue: AbstractQueue | None = None
+        self.channel: RawChannel | None = None
+        self.queue_name: str | None = None
         self.queue_generation = -1
         self.consumer: SessionConsumer | None = None
-        self._consumer_task: asyncio.Task[None] | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._recover_lock = asyncio.Lock()
@@ -129,7 +142,7 @@ class Session:
         generation = self.broker.generation
         self._incarnation += 1
         name = f"sessionq.s.{self.session_id}.{self.owner}.{self._incarnation}"
-        queue = await self.broker.declare_session_queue(channel, name, self.settings.max_pending)
+        await self.broker.declare_session_queue(channel, name, self.settings.max_pending)
         batch = self.settings.batch_max
         for start in range(0, len(unfinished), batch):
             await self.broker.publish(
@@ -146,16 +159,13 @@ class Session:
             cpu_pool=self.cpu_pool,
             observe=metrics.observe_request,
         )
-        self.channel, self.queue, self.queue_generation = channel, queue, generation
+        self.channel, self.queue_name, self.queue_generation = channel, name, generation
         self.consumer = consumer
-        self._consumer_task = asyncio.create_task(
-            self._consume(consumer, queue), name=f"consumer-{self.session_id}"
-        )
-
-    async def _consume(self, consumer: SessionConsumer, queue: AbstractQueue) -> None:
-        await consumer.run(queue)
-        if consumer is self.consumer and self.state == "draining" and not self.unfinished:
-            await self._finish_close()
+        try:
+            await consumer.start(channel, name)
+        except Exception as exc:
+            self.consumer = None
+            raise BrokerError(f"consume failed: {exc!r}") from exc
 
     async def recover(self) -> None:
         """After a lost channel/connection: wait for the old consumer to end its
@@ -167,13 +177,11 @@ class Session:
     async def _recover(self) -> None:
         if self.state == "closed":
             return
-        old = self._consumer_task
-        if self.consumer is not None:
-            self.consumer.stop()
+        old = self.consumer
         if old is not None:
-            await asyncio.gather(old, return_exceptions=True)
+            old.stop()
+            await old.wait_ended()
         self.consumer = None
-        self._consumer_task = None
         rows = await self.store.unfinished(self.session_id)
         todo = [
             (r.seq, r.client_id, r.op, r.args, r.attempts + 1)
@@ -204,10 +212,16 @@ class Session:
 
     def _begin_close(self) -> None:
         self.closing = True
-        if self.consumer is not None:
-            self.consumer.stop()  # _consume() finishes the close once it returns
-        elif self._closer is None:
-            self._closer = asyncio.create_task(self._finish_close())
+        if self._closer is None:
+            self._closer = asyncio.create_task(self._close_after(self.consumer))
+
+    async def _close_after(self, consumer: SessionConsumer | None) -> None:
+        if consumer is not None:
+            consumer.stop()
+            await consumer.wait_ended()
+            if consumer is not self.consumer or self.state != "draining" or self.unfinished:
+                return  # recovered or carried again meanwhile: not ours to close
+        await self._finish_close()
 
     async def _finish_close(self) -> None:
         if self.state == "closed":
@@ -215,13 +229,10 @@ class Session:
         self.state = "closed"
         if self._pump_task is not None:
             self._pump_task.cancel()
-        queue = self.queue
-        self.queue = None
-        if queue is not None and self.channel is not None and not self.channel.is_closed:
-            try:  # auto-delete removes it once the consumer is gone; make sure
-                await queue.delete(if_unused=False, if_empty=False, timeout=5)
-            except Exception as exc:
-                self.log.debug("queue delete: {!r}", exc)
+        name, self.queue_name = self.queue_name, None
+        if name is not None and self.channel is not None:
+            # auto-delete removes it once the consumer is gone; make sure
+            await self.broker.delete_queue(self.channel, name)
         try:
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError as exc:
@@ -238,14 +249,14 @@ class Session:
         self.state = "closed"
         if self._pump_task is not None:
             self._pump_task.cancel()
-        if self.consumer is not None:
-            self.consumer.stop()
-        if self._consumer_task is not None:
+        consumer = self.consumer
+        if consumer is not None:
+            consumer.stop()
             try:
-                await asyncio.wait_for(asyncio.shield(self._consumer_task), grace)
+                await asyncio.wait_for(consumer.wait_ended(), grace)
             except TimeoutError:
-                self._consumer_task.cancel()
-                await asyncio.gather(self._consumer_task, return_exceptions=True)
+                consumer.abort()
+                await consumer.wait_ended()
         try:
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError:
@@ -262,6 +273,12 @@ class Session:
         if outbox is not None:
             outbox.push(frame)
 
+    def push_final(self, seq: int, frame: bytes) -> None:
+        # A final stored before a resume's replay read it, but handed to us
+        # after the replay was sent, would otherwise reach the client twice.
+        if seq > self.replayed_through:
+            self.push(frame)
+
     async def wait_accepted(self, seq: int) -> None:
         while self.accepted_through < seq:
             future = asyncio.get_running_loop().create_future()
@@ -277,6 +294,10 @@ class Session:
     def finished(self, seq: int) -> None:
         self.unfinished.pop(seq, None)
         self._cancels.pop(seq, None)
+        if not self.unfinished and self._idle_waiter is not None:
+            if not self._idle_waiter.done():
+                self._idle_waiter.set_result(None)
+            self._idle_waiter = None
         if self.state == "draining" and not self.unfinished and not self._incoming:
             self._begin_close()
 
@@ -340,6 +361,7 @@ class Session:
     async def _pump(self) -> None:
         try:
             while self._incoming:
+                await self._wait_batch_done()
                 batch = self._incoming[: self.settings.batch_max]
                 del self._incoming[: len(batch)]
                 try:
@@ -347,8 +369,44 @@ class Session:
                 finally:
                     for pending in batch:
                         self._incoming_ids.pop(pending.frame.id, None)
+                for pending in batch:
+                    if pending.cancel:
+                        await self.cancel(pending.frame.id)
         finally:
             self._pump_task = None
+
+    async def _wait_batch_done(self) -> None:
+        """Let a streaming session's submits gather into one broker message.
+
+        A broker message costs far more than a request in it (see
+        docs/performance.md), so while the session's previous batch is still
+        unfinished, new submits wait for it (Nagle's rule, with the batch's
+        results in the role of the ACK), and a session that just sent a batch
+        of several gives the rest of the client's burst ``GATHER`` seconds to
+        arrive. A session with one request in flight waits for nothing. The
+        wait ends early when the running request is a slow one (it has run
+        ``SLOW_OP`` seconds: nothing to gain) and never lasts past ``HOLD_MAX``.
+        """
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        deadline = now + HOLD_MAX
+        waited = False
+        while self.unfinished and self.state != "closed":
+            consumer = self.consumer
+            if consumer is None:
+                return
+            since = consumer.running_since
+            if (since is not None and now - since > SLOW_OP) or now >= deadline:
+                return
+            future = loop.create_future()
+            self._idle_waiter = future
+            timer = loop.call_later(min(deadline - now, SLOW_OP), _wake, future)
+            await future
+            timer.cancel()
+            waited = True
+            now = loop.time()
+        if waited or self._last_batch > 1:
+            await asyncio.sleep(GATHER)
 
     async def _accept(self, batch: list[_Pending]) -> None:
         if self.resumed_from_store:
@@ -370,9 +428,9 @@ class Session:
             return
         body = encode_batch([(r.seq, r.client_id, r.op, r.args) for r in records])
         try:
-            if self.channel is None or self.queue is None:
+            if self.channel is None or self.queue_name is None:
                 raise BrokerError("no queue")
-            await self.broker.publish(self.channel, self.queue.name, body)
+            await self.broker.publish(self.channel, self.queue_name, body)
         except BrokerError as exc:
             full = isinstance(exc, QueueFull)
             try:
@@ -384,6 +442,7 @@ class Session:
             for p in batch:
                 self._refuse(code, message, p.frame.id)
             return
+        self._last_batch = len(batch)
         metrics.batch_size.observe(len(batch))
         metrics.requests_accepted.inc(len(batch))
         ahead = len(self.unfinished)
@@ -421,9 +480,13 @@ class Session:
         seq = self._seq_of(rid)
         if seq is None:
             waiting = self._incoming_ids.get(rid)
-            if waiting is None:
-                record = await self.store.find_request(self.session_id, rid)
-                seq = record.seq if record is not None and record.state != "done" else None
+            if waiting is not None:
+                # Not accepted yet (in the pump): it ends `cancelled` right
+                # after its `accepted`, so the client sees one final per seq.
+                waiting.cancel = True
+                return
+            record = await self.store.find_request(self.session_id, rid)
+            seq = record.seq if record is not None and record.state != "done" else None
         if seq is None or seq not in self.unfinished or seq in self._cancels:
             self.push(encode_error(ErrorCode.NOT_FOUND, f"no unfinished request {rid!r}", rid))
             return
@@ -459,6 +522,14 @@ class Session:
         if rid is None:
             return encode_status(self.session_id, pending, self.last_seq, last_done)
         seq = self._seq_of(rid)
+        waiting = self._incoming_ids.get(rid) if seq is None else None
+        if waiting is not None:
+            # Submitted, not accepted yet (it rides the next broker message).
+            ahead = len(self.unfinished) + next(
+                (i for i, p in enumerate(self._incoming) if p is waiting), len(self._incoming)
+            )
+            return encode_status(self.session_id, pending, self.last_seq, last_done,
+                                 rid, "queued", ahead)  # fmt: skip
         if seq is None:
             record = await self.store.find_request(self.session_id, rid)
             if record is None:

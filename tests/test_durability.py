@@ -117,7 +117,7 @@ async def test_broker_restart_mid_queue(server: Server, user_client: ClientFacto
         await client.submit(f"r{i}", "sleep", {"seconds": 0.3})
     frames = await client.recv_until(lambda f: f.get("id") == "r5" and f["type"] == "accepted")
     session = server.sessions[client.welcome["session"]]
-    queue_before = session.queue
+    queue_before = session.queue_name
     await asyncio.to_thread(rabbitmqctl, "stop_app")
     try:
         async with asyncio.timeout(UNIT):
@@ -136,7 +136,7 @@ async def test_broker_restart_mid_queue(server: Server, user_client: ClientFacto
     finals = finals_of(frames)
     assert_exactly_once(finals, 5)
     assert all(f["type"] == "result" for f in finals)  # accepted requests saw no error
-    assert session.queue is not queue_before  # it was re-created, not reused
+    assert session.queue_name != queue_before  # it was re-created, not reused
     await client.submit("after", "echo", {"ok": True})
     done = finals_of(await client.finals(1, timeout=2 * UNIT))
     assert done[0]["seq"] == 6 and done[0]["value"] == {"ok": True}

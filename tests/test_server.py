@@ -24,6 +24,7 @@ from conftest import (
     finals_of,
     unique_name,
 )
+from prometheus_client import REGISTRY
 
 from server.app import Server
 
@@ -336,6 +337,60 @@ async def test_cancel_queued_running_and_finished(server_factory: ServerFactory,
     assert finals_of(frames)[0]["value"] == {"attempt": 1}
 
 
+def _broker_messages() -> float:
+    """Broker messages this test process's servers have published for submits."""
+    count = REGISTRY.get_sample_value("sessionq_publish_batch_requests_count")
+    return count or 0.0
+
+
+async def test_a_burst_of_submits_shares_broker_messages(user_client: ClientFactory) -> None:
+    """Submits that arrive while the session's previous batch is unfinished
+    wait for it and go out together: a burst of 32 costs a few broker
+    messages, not 32, and still gets every accepted, seq and result in order."""
+    client = await user_client()
+    await client.submit("first", "sleep", {"seconds": 0.05})
+    await client.recv_until(lambda f: f.get("id") == "first")
+    before = _broker_messages()
+    for i in range(32):
+        await client.submit(f"b{i}", "echo", {"i": i})
+    frames = await client.finals(33)
+    accepted = [f for f in frames if f["type"] == "accepted"]
+    assert [(f["id"], f["seq"]) for f in accepted] == [(f"b{i}", i + 2) for i in range(32)]
+    assert [f["seq"] for f in finals_of(frames)] == list(range(1, 34))
+    assert all(f["value"] == {"i": f["seq"] - 2} for f in finals_of(frames)[1:])
+    assert _broker_messages() - before <= 4
+
+
+async def test_accepted_is_not_held_behind_a_slow_request(user_client: ClientFactory) -> None:
+    """Coalescing never makes a client wait for a slow request to learn that
+    its next one is accepted."""
+    client = await user_client()
+    await client.submit("slow", "sleep", {"seconds": 2})
+    await client.recv_until(lambda f: f.get("id") == "slow")
+    await _wait_state(client, "slow", "running")
+    await client.submit("next", "echo", {})
+    frames = await client.recv_until(lambda f: f.get("id") in ("next", "slow"), 2 * UNIT)
+    assert (frames[-1]["id"], frames[-1]["type"], frames[-1]["ahead"]) == ("next", "accepted", 1)
+
+
+async def test_status_and_cancel_right_after_submit(user_client: ClientFactory) -> None:
+    """A request asked about or cancelled before its `accepted` (it may still
+    be gathering with others) is reported queued, and a cancel ends it
+    `cancelled` with its seq, right after its `accepted`."""
+    client = await user_client()
+    await client.submit("a", "sleep", {"seconds": 0.3})
+    await client.recv_until(lambda f: f.get("id") == "a")
+    await client.submit("b", "echo", {})
+    await client.send({"type": "status", "id": "b"})
+    await client.send({"type": "cancel", "id": "b"})
+    frames = await client.finals(2)
+    status = next(f for f in frames if f["type"] == "status")
+    assert (status["state"], status["ahead"]) == ("queued", 1)
+    mine = [(f["type"], f.get("seq"), f.get("code")) for f in frames
+            if f.get("id") == "b" and f["type"] != "status"]  # fmt: skip
+    assert mine == [("accepted", 2, None), ("error", 2, "cancelled")]
+
+
 async def test_status_reports_counts_and_request_state(user_client: ClientFactory) -> None:
     client = await user_client()
     await client.submit("a", "sleep", {"seconds": 5})
@@ -415,9 +470,9 @@ async def test_queue_per_connection_removed_after_drain(server: Server,
                                                         user_client: ClientFactory) -> None:  # fmt: skip
     a, b = await user_client(), await user_client()
     sa, sb = a.welcome["session"], b.welcome["session"]
-    queue_a, queue_b = server.sessions[sa].queue, server.sessions[sb].queue
-    assert queue_a is not None and queue_b is not None and queue_a.name != queue_b.name
-    assert await _queue_exists(queue_a.name) and await _queue_exists(queue_b.name)
+    queue_a, queue_b = server.sessions[sa].queue_name, server.sessions[sb].queue_name
+    assert queue_a is not None and queue_b is not None and queue_a != queue_b
+    assert await _queue_exists(queue_a) and await _queue_exists(queue_b)
     for i in range(3):
         await a.submit(f"k{i}", "kv.put", {"key": f"drain{i}", "value": i})
     await a.submit("slow", "sleep", {"seconds": 0.3})
@@ -427,8 +482,8 @@ async def test_queue_per_connection_removed_after_drain(server: Server,
     session.on_closed = lambda s: closed.set_result(s)
     await a.close()  # disconnect with work queued
     await asyncio.wait_for(closed, UNIT)
-    assert not await _queue_exists(queue_a.name)  # gone from the broker
-    assert await _queue_exists(queue_b.name)  # the other session's is untouched
+    assert not await _queue_exists(queue_a)  # gone from the broker
+    assert await _queue_exists(queue_b)  # the other session's is untouched
     # The work that was queued ran and its results are stored.
     finals = await server.store.finals_after(sa, 0)
     assert [seq for seq, _ in finals] == [1, 2, 3, 4]
