@@ -45,10 +45,10 @@ class QueueFull(BrokerError):
     """The broker refused the publish: the queue is at x-max-length."""
 
 
+Properties = aiormq.spec.Basic.Properties
 RecoverCallback = Callable[[], Awaitable[None]]
 ControlCallback = Callable[[bytes], None]
 CONTROL_EXCHANGE = "sessionq.control"
-TRANSIENT = aiormq.spec.Basic.Properties(delivery_mode=1)  # the store is what lasts
 
 
 class Broker:
@@ -69,6 +69,7 @@ class Broker:
         self._channels: list[AbstractChannel] = []
         self._raw: list[RawChannel] = []  # the same channels, as aiormq sees them
         self._rr = itertools.count()
+        self._message_ids = itertools.count(1)
         self._up = asyncio.Event()  # the connection and channel pool are usable
         self._ready = asyncio.Event()  # ... and sessions have recovered on them
         self._closing = False
@@ -261,8 +262,13 @@ class Broker:
         if not self._up.is_set() or channel.is_closed:
             raise BrokerError("broker is unreachable")
         try:
+            # A message id of our own for every publish: aiormq maps a returned
+            # (unroutable) message back to its confirm by message id, and
+            # would otherwise write one into a shared properties object.
+            # Transient: the store is what lasts.
+            properties = Properties(delivery_mode=1, message_id=str(next(self._message_ids)))
             await channel.basic_publish(
-                body, routing_key=queue, properties=TRANSIENT, mandatory=True,
+                body, routing_key=queue, properties=properties, mandatory=True,
                 timeout=self.publish_timeout,
             )  # fmt: skip
         except aiormq.exceptions.PublishError as exc:

@@ -572,3 +572,26 @@ async def test_retryable_ops_retry_then_dead_letter(server_factory: ServerFactor
     assert proc.returncode == 0
     line = next(ln for ln in out.decode().splitlines() if client.welcome["session"] in ln)
     assert "op=test.doomed" in line and "code=handler_error" in line and "seq=2" in line
+
+
+async def test_a_vanished_queue_refuses_only_its_own_submits(
+    server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    """Two sessions publish on one shared channel; one session's queue is gone.
+    Its submits are refused (`unavailable`), never accepted, and the other
+    session's submits, published in between on the same channel, are all
+    accepted: a returned message fails its own publish, not a neighbour's."""
+    server = await server_factory(amqp_channels=1)
+    a = await user_client(target=server)
+    b = await user_client(target=server)
+    session_a = server.sessions[a.welcome["session"]]
+    assert session_a.channel is not None and session_a.queue_name is not None
+    await server.broker.delete_queue(session_a.channel, session_a.queue_name)
+    for i in range(20):
+        await a.submit(f"a{i}", "echo", {})
+        await b.submit(f"b{i}", "echo", {})
+    replies_a = await a.recv_until(lambda f: f.get("id") == "a19")
+    assert {(f["type"], f.get("code")) for f in replies_a} == {("error", "unavailable")}
+    frames_b = await b.finals(20)
+    assert len([f for f in frames_b if f["type"] == "accepted"]) == 20
+    assert [f["seq"] for f in finals_of(frames_b)] == list(range(1, 21))
