@@ -234,13 +234,14 @@ class Broker:
         """Declare an exclusive, auto-delete queue that refuses publishes past
         ``max_length`` ready messages (instead of dropping the oldest)."""
         try:
-            await channel.queue_declare(
-                name,
-                exclusive=True,
-                auto_delete=True,
-                arguments={"x-max-length": max_length, "x-overflow": "reject-publish"},
-                timeout=self.publish_timeout,
-            )
+            # Bounded here rather than by aiormq's timeout= (a task per RPC).
+            async with asyncio.timeout(self.publish_timeout):
+                await channel.queue_declare(
+                    name,
+                    exclusive=True,
+                    auto_delete=True,
+                    arguments={"x-max-length": max_length, "x-overflow": "reject-publish"},
+                )
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerError(f"queue declare failed: {exc}") from exc
 

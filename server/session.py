@@ -162,7 +162,10 @@ class Session:
         self.channel, self.queue_name, self.queue_generation = channel, name, generation
         self.consumer = consumer
         try:
-            await consumer.start(channel, name)
+            # One deadline for the subscription (aiormq would spend a task per
+            # RPC on a timeout of its own).
+            async with asyncio.timeout(self.broker.publish_timeout):
+                await consumer.start(channel, name)
         except Exception as exc:
             self.consumer = None
             raise BrokerError(f"consume failed: {exc!r}") from exc
