@@ -119,9 +119,10 @@ class Outbox:
         """The writer task: send frames in order until the connection closes.
 
         A burst of frames is encoded into the connection's protocol buffer and
-        written to the socket with one write and one drain (what
-        ``ws.send()`` does per frame), so a burst of results costs one system
-        call, not one per frame. The slow-reader deadline applies per burst.
+        written to the socket as one buffer with one drain (``ws.send()``
+        writes, and the event loop sends, each frame on its own), so a burst
+        of results costs one system call, not one per frame, and reaches the
+        client in one read. The slow-reader deadline applies per burst.
         """
         ws = self.ws
         protocol = ws.protocol
@@ -136,7 +137,7 @@ class Outbox:
                     size += len(frame)
                     protocol.send_text(frame)
                 self._size -= size
-                ws.send_data()
+                _write_joined(ws)
                 async with asyncio.timeout_at(loop.time() + self.slow_timeout):
                     await ws.drain()
                 self._sent.set()
@@ -156,3 +157,19 @@ class Outbox:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+
+
+def _write_joined(ws: ServerConnection) -> None:
+    """What ``ws.send_data()`` does, with the pending frames joined into one
+    transport write."""
+    chunks = ws.protocol.data_to_send()
+    if all(chunks):
+        ws.transport.write(b"".join(chunks))
+        return
+    for data in chunks:  # an end-of-stream marker among them: the close path
+        if data:
+            ws.transport.write(data)
+        elif ws.transport.can_write_eof():
+            ws.transport.write_eof()
+        else:
+            ws.transport.close()
