@@ -41,6 +41,7 @@ class Outbox:
         self._empty = asyncio.Event()
         self._empty.set()
         self._sent = asyncio.Event()
+        self._flush_due = False
         self.closed = False
 
     def push(self, frame: bytes) -> None:
@@ -58,10 +59,39 @@ class Outbox:
         self._start()
 
     def _start(self) -> None:
-        # The writer runs while there is something to write: an idle
-        # connection holds no writer task.
-        if self.task is None and not self.closed:
-            self.task = asyncio.create_task(self.run())
+        # Frames pushed in one turn of the event loop are written together at
+        # its end, straight to the socket when it takes them (no task); the
+        # writer task runs only while the socket is backed up, and an idle
+        # connection holds none.
+        if self.task is None and not self._flush_due and not self.closed:
+            self._flush_due = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        self._flush_due = False
+        if self.task is not None or self.closed or not self._frames:
+            return
+        ws = self.ws
+        if ws.protocol.state is not State.OPEN:
+            self.closed = True
+            return
+        if ws.transport.get_write_buffer_size() == 0:
+            self._send_burst()
+            self._sent.set()
+            if ws.transport.get_write_buffer_size() == 0 and not self._frames:
+                self._empty.set()
+                return
+        self.task = asyncio.create_task(self.run())
+
+    def _send_burst(self) -> None:
+        protocol = self.ws.protocol
+        size = 0
+        for _ in range(min(len(self._frames), BURST)):
+            frame = self._frames.popleft()
+            size += len(frame)
+            protocol.send_text(frame)
+        self._size -= size
+        _write_joined(self.ws)
 
     def hold(self) -> None:
         """Keep live frames back while a resume replay is sent."""
@@ -131,13 +161,7 @@ class Outbox:
             while self._frames and not self.closed:
                 if protocol.state is not State.OPEN:
                     raise ConnectionClosed(None, None)
-                size = 0
-                for _ in range(min(len(self._frames), BURST)):
-                    frame = self._frames.popleft()
-                    size += len(frame)
-                    protocol.send_text(frame)
-                self._size -= size
-                _write_joined(ws)
+                self._send_burst()
                 async with asyncio.timeout_at(loop.time() + self.slow_timeout):
                     await ws.drain()
                 self._sent.set()
