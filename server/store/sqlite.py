@@ -334,14 +334,19 @@ class SqliteStore(Store):
         rows = [(session_id, r.seq, r.client_id, r.op, r.args, now) for r in requests]
         top = max(r.seq for r in requests)
 
+        # One statement for the whole batch: the writer thread takes the GIL
+        # back after every SQLite step, and each time may wait for the event
+        # loop, so steps, not rows, are what a commit costs.
+        sql = (
+            "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at) VALUES "
+            + ",".join(["(?, ?, ?, ?, ?, 'queued', ?)"] * len(rows))
+        )
+        params = [value for row in rows for value in row]
+
         def op(c: sqlite3.Connection) -> None:
             _check_epoch(c, session_id, epoch)
             try:
-                c.executemany(
-                    "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at)"
-                    " VALUES (?, ?, ?, ?, ?, 'queued', ?)",
-                    rows,
-                )
+                c.execute(sql, params)
             except sqlite3.IntegrityError as e:
                 raise StoreError(f"session {session_id}: a seq or client id is taken") from e
             c.execute(
@@ -402,17 +407,29 @@ class SqliteStore(Store):
     async def finish_requests(
         self, session_id: str, epoch: int, finals: Sequence[tuple[int, str, bool]], now: float
     ) -> list[bool]:
+        if not finals:
+            return []
+        seqs = [seq for seq, _, _ in finals]
+        marks = ",".join("?" * len(seqs))
+        # Two statements for the whole group (see add_requests): which are
+        # already done (a duplicate after recovery keeps its first final),
+        # then one UPDATE of the rest from a VALUES list.
+        done_sql = (
+            f"SELECT seq FROM requests WHERE session_id = ? AND seq IN ({marks}) AND state = 'done'"
+        )
+        update_sql = (
+            "UPDATE requests SET state = 'done', final = v.column2, failed = v.column3,"
+            " finished_at = ? FROM (VALUES " + ",".join(["(?, ?, ?)"] * len(finals)) + ") AS v"
+            " WHERE requests.session_id = ? AND requests.seq = v.column1"
+            " AND requests.state != 'done'"
+        )
+        values = [value for seq, final, failed in finals for value in (seq, final, int(failed))]
+
         def op(c: sqlite3.Connection) -> list[bool]:
             _check_epoch(c, session_id, epoch)
-            stored = []
-            for seq, final, failed in finals:
-                cur = c.execute(
-                    "UPDATE requests SET state = 'done', final = ?, failed = ?, finished_at = ?"
-                    " WHERE session_id = ? AND seq = ? AND state != 'done'",
-                    (final, int(failed), now, session_id, seq),
-                )
-                stored.append(cur.rowcount == 1)
-            return stored
+            done = {row[0] for row in c.execute(done_sql, (session_id, *seqs))}
+            c.execute(update_sql, (now, *values, session_id))
+            return [seq not in done for seq in seqs]
 
         return await self._write(op)
 
@@ -589,6 +606,23 @@ def _run_batch(c: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
     """
     if c.in_transaction:  # a ROLLBACK that failed last time must not wedge the store
         c.execute("ROLLBACK")
+    # Almost every batch succeeds whole: run it without a savepoint per op
+    # (two SQLite steps each). If an op fails, roll back and run the batch
+    # again the careful way, each op in its own savepoint.
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        results = [op(c) for op in ops]
+        c.execute("COMMIT")
+        return [(True, result) for result in results]
+    except Exception:  # one op (or the whole transaction: then it fails again below)
+        if c.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+    except BaseException:
+        if c.in_transaction:
+            with contextlib.suppress(sqlite3.Error):
+                c.execute("ROLLBACK")
+        raise
     outcomes: list[tuple[bool, Any]] = []
     c.execute("BEGIN IMMEDIATE")
     try:
