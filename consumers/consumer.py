@@ -89,7 +89,8 @@ class SessionPort(Protocol):
 
     def cancel_pending(self, seq: int) -> asyncio.Future[bytes] | None:
         """If the client cancelled this queued request: a future of its stored
-        final frame (resolved once the cancel is stored)."""
+        final frame (resolved once the cancel is stored; to b"" if it could not
+        be stored, and the request then runs)."""
 
     def begin(self, seq: int, rid: str) -> bool:
         """Whether seq is unfinished and is the request ``rid``. False for a
@@ -151,10 +152,11 @@ class SessionConsumer:
         self.cpu_pool = cpu_pool
         self.observe = observe
         self.running_seq: int | None = None  # taken from the queue, being started or run
-        self.started_seq: int | None = None  # ... and its start is stored
+        self.started_seq: int | None = None  # ... and past its last checks (status: running)
         self.running_since: float | None = None  # loop.time() its handler started
         self._running_op = ""
         self._in_handler = False  # the worker task is inside a handler's await
+        self._parked = False  # the worker task waits for a request's `accepted`
         self._cancel_seq: int | None = None
         self._cancel_sent = False  # the worker task was cancelled for _cancel_seq
         self._stop = False
@@ -164,6 +166,7 @@ class SessionConsumer:
         self._worker: asyncio.Task[None] | None = None  # only while there is work
         self._ended: asyncio.Future[None] | None = None
         self._ending: asyncio.Task[None] | None = None
+        self._unacked: list[DeliveredMessage] = []  # taken, not acked: rejected at the end
         self._collected: list[tuple[int, bytes, bool, bool]] = []
         self._writing: asyncio.Task[None] | None = None
         self._drained = asyncio.Event()
@@ -187,6 +190,10 @@ class SessionConsumer:
         self._stop = True
         if self._worker is None:
             self._end()
+        elif self._parked:
+            # Waiting for an `accepted` that may never come (its publish was
+            # delivered, then failed): nothing runs, so stop it there.
+            self._worker.cancel()
 
     def abort(self) -> None:
         """Stop now, interrupting the running request (shutdown past its grace)."""
@@ -203,24 +210,30 @@ class SessionConsumer:
             self._ended = self._loop.create_future()
         await asyncio.shield(self._ended)
 
-    @property
-    def ended(self) -> bool:
-        return self._ending is not None and self._ending.done()
-
     def _end(self) -> None:
         if self._ending is None:
             self._ending = self._loop.create_task(self._unsubscribe())
 
     async def _unsubscribe(self) -> None:
-        # Cancelling the subscription hands undelivered and unacked messages
-        # back to the queue, which the broker then deletes (auto-delete) or the
-        # session deletes; the store still has whatever they carried.
+        # Deliveries that will not be acked are rejected, not left unacked on
+        # the pooled channel (where RabbitMQ's consumer_timeout would close it
+        # one day, and every session on it with it). Nothing is lost: the
+        # broker's copy is transient, the store has what they carried, and
+        # whoever runs the session next re-publishes it from there. Cancelling
+        # the subscription then lets the auto-delete queue go.
         channel, tag = self._channel, self._tag
         if channel is not None and tag is not None and not channel.is_closed:
             try:
-                await channel.basic_cancel(tag, timeout=CANCEL_TIMEOUT)
-            except Exception as exc:  # channel or broker gone: nothing to cancel
-                logger.debug("basic.cancel: {!r}", exc)
+                async with asyncio.timeout(CANCEL_TIMEOUT):
+                    await channel.basic_cancel(tag)
+                # No delivery comes after cancel-ok (those before it have been
+                # handed to _deliver by now: aiormq starts them in order).
+                for message in self._unacked:
+                    if message.delivery_tag is not None:
+                        await channel.basic_reject(message.delivery_tag, requeue=False, wait=False)
+            except Exception as exc:  # channel or broker gone: nothing to end
+                logger.debug("ending the subscription: {!r}", exc)
+        self._unacked.clear()
         if self._ended is None:
             self._ended = self._loop.create_future()
         if not self._ended.done():
@@ -228,9 +241,8 @@ class SessionConsumer:
 
     def cancel_running(self, seq: int) -> bool:
         """Interrupt the running request if it is ``seq`` and its handler allows
-        it; returns whether a cancel was delivered. A cancel that lands while
-        the request is being marked started takes effect before the handler
-        runs."""
+        it; returns whether a cancel was delivered. A cancel that lands before
+        the handler starts takes effect then (it never runs)."""
         if self.running_seq != seq:
             return False
         op = self.registry.get(self._running_op)
@@ -248,7 +260,8 @@ class SessionConsumer:
         delivery order): keep the message, wake the worker. Never awaits, so
         the order holds."""
         if self._stop:
-            return  # unacked: handed back to the queue by basic.cancel
+            self._unacked.append(message)  # rejected when the subscription ends
+            return
         self._inbox.append(message)
         if self._worker is None:
             self._worker = self._loop.create_task(self._work())
@@ -260,9 +273,11 @@ class SessionConsumer:
                 # Take every message already delivered (prefetch): run them
                 # as one unit, so their results go out as one burst.
                 messages = [inbox.popleft() for _ in range(min(len(inbox), MAX_GROUP))]
+                self._unacked = messages
                 if not await self._process(messages):
                     self._stop = True  # not ours to run any more: end
                     break
+                self._unacked = []
                 channel = self._channel
                 assert channel is not None
                 for message in messages:
@@ -277,10 +292,11 @@ class SessionConsumer:
             # Whatever is unfinished is in the store; the session's recovery
             # (or the next owner) re-publishes it.
             self._stop = True
-            logger.bind(session=self.port.session_id).debug("consumer ended: {!r}", exc)
+            logger.bind(session=self.port.session_id).warning("consumer ended: {!r}", exc)
         finally:
             self._worker = None
             if self._stop:
+                self._unacked.extend(inbox)
                 inbox.clear()
                 self._end()
 
@@ -316,14 +332,20 @@ class SessionConsumer:
         for item in items:
             seq, rid, opname, args = item[0], item[1], item[2], item[3]
             attempt = item[4] if len(item) > 4 else 1
-            await port.wait_accepted(seq)
+            self._parked = True
+            try:
+                await port.wait_accepted(seq)
+            finally:
+                self._parked = False
             if self._pipeline_error is not None or not self._can_start():
                 complete = False
                 break
             cancelled = port.cancel_pending(seq)
             if cancelled is not None:
-                self._queue_final(seq, await cancelled, store=False)
-                continue
+                final = await cancelled  # b"": the cancel could not be stored, run it
+                if final:
+                    self._queue_final(seq, final, store=False)
+                    continue
             if not port.begin(seq, rid):
                 continue  # already finished, or not this request (see SessionPort.begin)
             # In a session taken over from an owner that died, the results

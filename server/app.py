@@ -499,7 +499,7 @@ class Server:
             previous.detach(outbox)
         conn.session = session
         session.attach(outbox, conn.close)
-        replayed = after
+        replayed: set[int] = set()
         try:
             # Read again now that live frames are held: every final stored from
             # here on reaches the held frames, everything before is read here.
@@ -509,15 +509,19 @@ class Server:
             )
             for seq, frame in finals:
                 await outbox.push_replayed(frame.encode())
-                replayed = seq
+                replayed.add(seq)
         finally:
-            session.replayed_through = max(session.replayed_through, replayed)
+            # Finals the replay sent must not go out again live. The replay can
+            # skip seqs (a cancelled queued request is stored before the ones
+            # ahead of it finish), so this is a set, not a high-water mark; only
+            # seqs the consumer may still hand over need remembering.
+            session.replayed_finals |= {seq for seq in replayed if seq in session.unfinished}
 
             def keep(frame: bytes) -> bool:
                 data = decode_json(frame)
                 seq = data.get("seq")
                 return not (
-                    isinstance(seq, int) and seq <= replayed and data.get("type") != "accepted"
+                    isinstance(seq, int) and seq in replayed and data.get("type") != "accepted"
                 )
 
             outbox.release(keep)

@@ -249,7 +249,8 @@ class Broker:
         if channel.is_closed:
             return  # the queue went with its channel's connection
         try:
-            await channel.queue_delete(name, timeout=self.publish_timeout)
+            async with asyncio.timeout(self.publish_timeout):
+                await channel.queue_delete(name)
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             logger.debug("queue delete {}: {!r}", name, exc)
 

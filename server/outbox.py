@@ -2,8 +2,9 @@
 
 Producers (the submit path, the consumer, progress callbacks) call
 :meth:`Outbox.push`, which never blocks, so a slow reader cannot hold up the
-consumer, the broker acks or anyone else. One writer task per connection sends
-the frames in push order. A client that lets more than ``limit_bytes`` pile up,
+consumer, the broker acks or anyone else. Frames go out in push order: those
+pushed in one turn of the event loop are written together at its end, and a
+writer task takes over only while the socket is backed up. A client that lets more than ``limit_bytes`` pile up,
 or whose socket does not take a frame within ``slow_timeout``, is closed with
 4503: its results are stored, and it resumes after reconnecting.
 """
@@ -11,6 +12,7 @@ or whose socket does not take a frame within ``slow_timeout``, is closed with
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections import deque
 from collections.abc import Callable
 
@@ -194,6 +196,7 @@ def _write_joined(ws: ServerConnection) -> None:
         if data:
             ws.transport.write(data)
         elif ws.transport.can_write_eof():
-            ws.transport.write_eof()
+            with contextlib.suppress(Exception):  # as websockets does
+                ws.transport.write_eof()
         else:
             ws.transport.close()

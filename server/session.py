@@ -101,7 +101,7 @@ class Session:
         self.unfinished: dict[int, str] = {}  # seq -> client id, in seq order
         self.ids: dict[str, tuple[int, int]] = {}  # client id -> (seq, ahead)
         self.resumed_from_store = last_seq > 0  # ids before this process: ask the store
-        self.replayed_through = 0  # finals up to here went out in a resume replay
+        self.replayed_finals: set[int] = set()  # sent by a resume replay, still unfinished here
         self._incoming: list[_Pending] = []
         self._incoming_ids: dict[str, _Pending] = {}
         self._accept_waiter: tuple[int, asyncio.Future[None]] | None = None
@@ -184,6 +184,8 @@ class Session:
         if old is not None:
             old.stop()
             await old.wait_ended()
+            if self.state == "closed":
+                return  # closed while its consumer stopped: nothing to recover
         self.consumer = None
         rows = await self.store.unfinished(self.session_id)
         todo = [
@@ -222,8 +224,18 @@ class Session:
         if consumer is not None:
             consumer.stop()
             await consumer.wait_ended()
-            if consumer is not self.consumer or self.state != "draining" or self.unfinished:
-                return  # recovered or carried again meanwhile: not ours to close
+            if consumer is not self.consumer:
+                return  # recovered meanwhile: the recovery carries on
+            if self.state != "draining" or self.unfinished:
+                # A resume attached it again while its consumer stopped: its
+                # queue is gone with the subscription, so start afresh.
+                self.closing = False
+                self._closer = None
+                try:
+                    await self.recover()
+                except (BrokerError, StoreError) as exc:
+                    self.log.warning("session not reopened: {}", exc)
+                return
         await self._finish_close()
 
     async def _finish_close(self) -> None:
@@ -279,8 +291,10 @@ class Session:
     def push_final(self, seq: int, frame: bytes) -> None:
         # A final stored before a resume's replay read it, but handed to us
         # after the replay was sent, would otherwise reach the client twice.
-        if seq > self.replayed_through:
-            self.push(frame)
+        if self.replayed_finals and seq in self.replayed_finals:
+            self.replayed_finals.discard(seq)
+            return
+        self.push(frame)
 
     async def wait_accepted(self, seq: int) -> None:
         while self.accepted_through < seq:
@@ -298,8 +312,7 @@ class Session:
         self.unfinished.pop(seq, None)
         self._cancels.pop(seq, None)
         if not self.unfinished and self._idle_waiter is not None:
-            if not self._idle_waiter.done():
-                self._idle_waiter.set_result(None)
+            _wake(self._idle_waiter)
             self._idle_waiter = None
         if self.state == "draining" and not self.unfinished and not self._incoming:
             self._begin_close()
@@ -374,7 +387,11 @@ class Session:
                         self._incoming_ids.pop(pending.frame.id, None)
                 for pending in batch:
                     if pending.cancel:
-                        await self.cancel(pending.frame.id)
+                        try:
+                            await self.cancel(pending.frame.id)
+                        except StoreError as exc:
+                            self.push(encode_error(ErrorCode.UNAVAILABLE,
+                                                   f"could not cancel: {exc}", pending.frame.id))  # fmt: skip
         finally:
             self._pump_task = None
 
@@ -510,7 +527,7 @@ class Session:
             )
         except StoreError as exc:
             self._cancels.pop(seq, None)
-            future.cancel()
+            future.set_result(b"")  # not cancelled after all: the consumer runs it
             self.push(encode_error(ErrorCode.UNAVAILABLE, f"could not cancel: {exc}", rid))
             return
         future.set_result(frame)

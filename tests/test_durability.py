@@ -64,6 +64,35 @@ async def test_disconnect_mid_queue_then_resume(
     assert [(f["type"], f["seq"]) for f in frames] == [("accepted", 7), ("result", 7)]
 
 
+async def test_resume_after_a_cancelled_queued_request_loses_no_final(
+    server: Server, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    """A cancelled queued request is stored before the ones ahead of it finish,
+    so a resume replays its final first; the running request's final must
+    still come, once, when it finishes."""
+    client = await user_client()
+    session, token = client.welcome["session"], client.welcome["token"]
+    await client.submit("slow", "sleep", {"seconds": 0.5})
+    await client.submit("later", "echo", {})
+    await client.recv_until(lambda f: f.get("id") == "later" and f["type"] == "accepted")
+    await client.send({"type": "cancel", "id": "later"})
+    await client.send({"type": "status", "id": "later"})  # answered after the cancel is stored
+    await client.recv_until(lambda f: f["type"] == "status")
+    await client.close()
+
+    again = await connect(path=f"/ws?token={token}")
+    assert (await again.recv())["type"] == "welcome"
+    resumed = await resume(again, session, after=0)
+    assert (resumed["type"], resumed["pending"]) == ("resumed", 2)
+    finals = finals_of(await again.finals(2, timeout=2 * UNIT))
+    assert sorted((f["seq"], f["id"], f.get("code")) for f in finals) == [
+        (1, "slow", None), (2, "later", "cancelled")
+    ]  # fmt: skip
+    await again.submit("next", "echo", {})
+    tail = await again.finals(1)
+    assert [f["seq"] for f in finals_of(tail)] == [3]  # and no second final for 1 or 2
+
+
 async def test_resume_takes_over_a_live_connection_with_4409(
     user_client: ClientFactory, connect: ClientFactory
 ) -> None:
@@ -174,6 +203,20 @@ async def test_second_server_takes_over_on_resume(
     assert [(f["type"], f["id"], f["seq"]) for f in frames] == [
         ("accepted", "r2", 2), ("accepted", "r7", 7), ("result", "r7", 7)
     ]  # fmt: skip
+    # The old owner rejected the deliveries it took but did not run: none stays
+    # unacked on its pooled channels (where consumer_timeout would one day
+    # close the channel and every session on it).
+    for _ in range(30):  # the broker's own count, asked until it settles
+        if await asyncio.to_thread(_unacked_deliveries) == 0:
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail("deliveries left unacked on the server's channels")
+
+
+def _unacked_deliveries() -> int:
+    out = rabbitmqctl("list_channels", "messages_unacknowledged")
+    return sum(int(line) for line in out.split() if line.isdigit())
 
 
 async def test_store_write_failure_refuses_instead_of_accepting(
