@@ -137,6 +137,12 @@ class Settings:
             raise bad("log_level", "must be DEBUG, INFO, WARNING or ERROR")
         if not 4 <= self.bcrypt_rounds <= 31:
             raise bad("bcrypt_rounds", "must be 4..31")
+        if self.max_attempts < 2:
+            # Results are written in groups: a process that dies just after
+            # finishing a request may leave that request charged with the
+            # crash (docs/protocol.md, "Delivery guarantee"). With one attempt
+            # that would end it `crashed` although it never crashed.
+            raise bad("max_attempts", "must be at least 2")
         if self.amqp_channels > 2000:
             raise bad("amqp_channels", "RabbitMQ allows 2047 channels per connection")
 

@@ -124,6 +124,7 @@ async def test_submit_rate_limit_per_session(
         ({"SESSIONQ_OPEN_REGISTRATION": "maybe"}, "SESSIONQ_OPEN_REGISTRATION"),
         ({"SESSIONQ_LOG_FORMAT": "xml"}, "SESSIONQ_LOG_FORMAT"),
         ({"SESSIONQ_AMQP_CHANNELS": "5000"}, "SESSIONQ_AMQP_CHANNELS"),
+        ({"SESSIONQ_MAX_ATTEMPTS": "1"}, "SESSIONQ_MAX_ATTEMPTS"),
     ],
 )
 def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
