@@ -273,11 +273,14 @@ class SessionConsumer:
                 # Take every message already delivered (prefetch): run them
                 # as one unit, so their results go out as one burst.
                 messages = [inbox.popleft() for _ in range(min(len(inbox), MAX_GROUP))]
-                self._unacked = messages
+                self._unacked = list(messages)  # deliveries after a stop join it
                 if not await self._process(messages):
                     self._stop = True  # not ours to run any more: end
                     break
-                self._unacked = []
+                # From here on they are acked, never rejected: an ack fails only
+                # with a closed channel, and rejecting a tag already acked would
+                # make the broker close the channel under every session on it.
+                del self._unacked[: len(messages)]
                 channel = self._channel
                 assert channel is not None
                 for message in messages:
