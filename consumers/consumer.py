@@ -84,8 +84,12 @@ class SessionPort(Protocol):
         """Queue seq's stored final frame, unless a resume replay already
         sent it from the store."""
 
-    async def wait_accepted(self, seq: int) -> None:
-        """Return once ``accepted`` for seq has been queued for sending."""
+    async def wait_accepted(self, seq: int) -> bool:
+        """Return True once ``accepted`` for seq has been queued for sending,
+        or False if :meth:`abandon_accept_wait` was called first."""
+
+    def abandon_accept_wait(self) -> None:
+        """Make a pending :meth:`wait_accepted` return False now."""
 
     def cancel_pending(self, seq: int) -> asyncio.Future[bytes] | None:
         """If the client cancelled this queued request: a future of its stored
@@ -192,8 +196,9 @@ class SessionConsumer:
             self._end()
         elif self._parked:
             # Waiting for an `accepted` that may never come (its publish was
-            # delivered, then failed): nothing runs, so stop it there.
-            self._worker.cancel()
+            # delivered, then failed): stop waiting, and end the group the
+            # normal way (collected results still stored and sent).
+            self.port.abandon_accept_wait()
 
     def abort(self) -> None:
         """Stop now, interrupting the running request (shutdown past its grace)."""
@@ -226,14 +231,18 @@ class SessionConsumer:
             try:
                 async with asyncio.timeout(CANCEL_TIMEOUT):
                     await channel.basic_cancel(tag)
-                # No delivery comes after cancel-ok (those before it have been
-                # handed to _deliver by now: aiormq starts them in order).
-                for message in self._unacked:
-                    if message.delivery_tag is not None:
-                        await channel.basic_reject(message.delivery_tag, requeue=False, wait=False)
             except Exception as exc:  # channel or broker gone: nothing to end
-                logger.debug("ending the subscription: {!r}", exc)
-        self._unacked.clear()
+                logger.debug("basic.cancel: {!r}", exc)
+            # No delivery comes after cancel-ok (those before it have been
+            # handed to _deliver by now: aiormq starts them in order).
+            unacked, self._unacked = self._unacked, []
+            try:
+                for message in unacked:
+                    if message.delivery_tag is not None and not channel.is_closed:
+                        await channel.basic_reject(message.delivery_tag, requeue=False, wait=False)
+            except Exception as exc:
+                logger.debug("basic.reject: {!r}", exc)
+        self._unacked = []
         if self._ended is None:
             self._ended = self._loop.create_future()
         if not self._ended.done():
@@ -337,7 +346,7 @@ class SessionConsumer:
             attempt = item[4] if len(item) > 4 else 1
             self._parked = True
             try:
-                await port.wait_accepted(seq)
+                await port.wait_accepted(seq)  # False (abandoned): _can_start() says no
             finally:
                 self._parked = False
             if self._pipeline_error is not None or not self._can_start():

@@ -104,7 +104,7 @@ class Session:
         self.replayed_finals: set[int] = set()  # sent by a resume replay, still unfinished here
         self._incoming: list[_Pending] = []
         self._incoming_ids: dict[str, _Pending] = {}
-        self._accept_waiter: tuple[int, asyncio.Future[None]] | None = None
+        self._accept_waiter: tuple[int, asyncio.Future[bool]] | None = None
         self._idle_waiter: asyncio.Future[None] | None = None
         self._last_batch = 0
         self._cancels: dict[int, asyncio.Future[bytes]] = {}
@@ -120,6 +120,8 @@ class Session:
         self.closing = False  # its consumer is stopping; it cannot be carried again
         self.careful = False  # taken from an owner that died (see SessionPort.careful)
         self._gone = asyncio.Event()
+        self._close_settled = asyncio.Event()  # no close under way (done or called off)
+        self._close_settled.set()
         self._incarnation = 0
         self.log = logger.bind(session=session_id, user=username)
 
@@ -194,8 +196,11 @@ class Session:
             if r.seq <= self.accepted_through
         ]
         self.unfinished = {item[0]: item[1] for item in todo}
+        self.replayed_finals &= self.unfinished.keys()
         await self._open_queue(todo)
         self.log.info("session recovered; {} requests re-published", len(todo))
+        if self.state == "draining" and not self.unfinished and not self._incoming:
+            self._begin_close()  # its client left and nothing is left to run
 
     def attach(self, outbox: Outbox, close: Callable[[int, str], None]) -> None:
         self.outbox = outbox
@@ -216,21 +221,31 @@ class Session:
             self._begin_close()
 
     def _begin_close(self) -> None:
+        if self._recover_lock.locked():
+            return  # a recovery is opening a fresh queue; it closes when done
         self.closing = True
+        self._close_settled.clear()
         if self._closer is None:
             self._closer = asyncio.create_task(self._close_after(self.consumer))
+
+    def _call_off_close(self) -> None:
+        self.closing = False
+        self._closer = None
+        self._close_settled.set()
 
     async def _close_after(self, consumer: SessionConsumer | None) -> None:
         if consumer is not None:
             consumer.stop()
             await consumer.wait_ended()
             if consumer is not self.consumer:
-                return  # recovered meanwhile: the recovery carries on
+                # Recovered meanwhile: the recovery carries on, and closes
+                # the session when it is done if there is nothing to run.
+                self._call_off_close()
+                return
             if self.state != "draining" or self.unfinished:
                 # A resume attached it again while its consumer stopped: its
                 # queue is gone with the subscription, so start afresh.
-                self.closing = False
-                self._closer = None
+                self._call_off_close()
                 try:
                     await self.recover()
                 except (BrokerError, StoreError) as exc:
@@ -253,6 +268,7 @@ class Session:
         except StoreError as exc:
             self.log.warning("could not release session: {}", exc)
         self._gone.set()
+        self._close_settled.set()
         if self.on_closed is not None:
             self.on_closed(self)
         self.log.debug("session closed")
@@ -277,10 +293,12 @@ class Session:
         except StoreError:
             pass
         self._gone.set()
+        self._close_settled.set()
 
-    async def wait_gone(self) -> None:
-        """Wait until a closing session has released its ownership."""
-        await self._gone.wait()
+    async def wait_close_settled(self) -> None:
+        """Wait until a closing session has either released its ownership or
+        been carried on after all (a resume attached it while it closed)."""
+        await self._close_settled.wait()
 
     # -- SessionPort (used by the consumer) ------------------------------------
     def push(self, frame: bytes) -> None:
@@ -296,11 +314,18 @@ class Session:
             return
         self.push(frame)
 
-    async def wait_accepted(self, seq: int) -> None:
+    async def wait_accepted(self, seq: int) -> bool:
         while self.accepted_through < seq:
-            future = asyncio.get_running_loop().create_future()
+            future: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
             self._accept_waiter = (seq, future)
-            await future
+            if not await future:
+                return False  # abandoned: the consumer is stopping
+        return True
+
+    def abandon_accept_wait(self) -> None:
+        waiter, self._accept_waiter = self._accept_waiter, None
+        if waiter is not None and not waiter[1].done():
+            waiter[1].set_result(False)
 
     def cancel_pending(self, seq: int) -> asyncio.Future[bytes] | None:
         return self._cancels.get(seq)
@@ -479,7 +504,7 @@ class Session:
         if waiter is not None and waiter[0] <= self.accepted_through:
             self._accept_waiter = None
             if not waiter[1].done():
-                waiter[1].set_result(None)
+                waiter[1].set_result(True)
 
     async def _drop_known(self, batch: list[_Pending]) -> list[_Pending]:
         """For a session that existed before this process owned it: answer ids

@@ -530,6 +530,19 @@ async def test_finish_requests_records_several_at_once(store: Store) -> None:
         await store.finish_requests(sid, 0, [(1, "{}", False)], 8.0)
 
 
+async def test_finish_requests_stores_a_repeated_seq_once(store: Store) -> None:
+    """A seq given twice in one group (a stale message and its replacement)
+    keeps its first final; a seq the store does not have is not stored."""
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2), now=5.0)
+    stored = await store.finish_requests(
+        sid, 1, [(1, '{"one":1}', False), (1, '{"one":2}', False), (9, "{}", False)], 7.0
+    )
+    assert stored == [True, False, False]
+    assert await store.finals_after(sid, 0) == [(1, '{"one":1}')]
+    assert (await store.session_counts(sid)).pending == 1
+
+
 async def test_seqs_of_finds_the_ids_a_session_has(store: Store) -> None:
     sid = await new_session(store)
     await store.add_requests(sid, 1, reqs(1, 2, 3), now=5.0)

@@ -8,8 +8,10 @@ Why it is built this way:
   transaction, commits once and then answers each caller. Writes that arrive
   while a commit runs form the next batch: no timer, and no added latency when
   only one write is in flight.
-* Each write runs in its own SAVEPOINT, so one that fails (UserExists, Fenced, a
-  taken client id) is rolled back alone and the rest of its batch commits. A
+* A batch first runs as one plain transaction. If a write in it fails
+  (UserExists, Fenced, a taken client id), the batch is rolled back and run
+  again with each write in its own SAVEPOINT, so the failing one is rolled
+  back alone and the rest of its batch commits. A
   failure of the whole transaction (I/O error, full disk, read-only file, the
   lock not granted within ``busy_timeout``) fails every write of that batch with
   StoreError; the next batch starts afresh, so the store recovers by itself.
@@ -409,27 +411,30 @@ class SqliteStore(Store):
     ) -> list[bool]:
         if not finals:
             return []
-        seqs = [seq for seq, _, _ in finals]
-        marks = ",".join("?" * len(seqs))
-        # Two statements for the whole group (see add_requests): which are
-        # already done (a duplicate after recovery keeps its first final),
-        # then one UPDATE of the rest from a VALUES list.
-        done_sql = (
-            f"SELECT seq FROM requests WHERE session_id = ? AND seq IN ({marks}) AND state = 'done'"
-        )
-        update_sql = (
+        # One UPDATE for the whole group (see add_requests), from a VALUES
+        # list of each seq's first final; RETURNING says which rows it
+        # finished. Like finish_request each: a seq already done keeps its
+        # first final (False), a seq given twice is stored once (True, then
+        # False), and a seq the store does not have is False.
+        first: dict[int, tuple[str, bool]] = {}
+        for seq, final, failed in finals:
+            first.setdefault(seq, (final, failed))
+        sql = (
             "UPDATE requests SET state = 'done', final = v.column2, failed = v.column3,"
-            " finished_at = ? FROM (VALUES " + ",".join(["(?, ?, ?)"] * len(finals)) + ") AS v"
+            " finished_at = ? FROM (VALUES " + ",".join(["(?, ?, ?)"] * len(first)) + ") AS v"
             " WHERE requests.session_id = ? AND requests.seq = v.column1"
-            " AND requests.state != 'done'"
+            " AND requests.state != 'done' RETURNING requests.seq"
         )
-        values = [value for seq, final, failed in finals for value in (seq, final, int(failed))]
+        values = [v for seq, (final, failed) in first.items() for v in (seq, final, int(failed))]
 
         def op(c: sqlite3.Connection) -> list[bool]:
             _check_epoch(c, session_id, epoch)
-            done = {row[0] for row in c.execute(done_sql, (session_id, *seqs))}
-            c.execute(update_sql, (now, *values, session_id))
-            return [seq not in done for seq in seqs]
+            finished = {row[0] for row in c.execute(sql, (now, *values, session_id)).fetchall()}
+            stored = []
+            for seq, _, _ in finals:
+                stored.append(seq in finished)
+                finished.discard(seq)
+            return stored
 
         return await self._write(op)
 
@@ -599,7 +604,8 @@ def _setup(c: sqlite3.Connection) -> None:
 
 
 def _run_batch(c: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
-    """Run ``ops`` in one transaction, each in its own savepoint, and commit once.
+    """Run ``ops`` in one transaction and commit once (each op in its own
+    savepoint when one of them fails; see the module docstring).
 
     Returns (True, result) or (False, exception) per op. Raises if the
     transaction as a whole fails; nothing of the batch is stored then.
