@@ -119,7 +119,6 @@ class Session:
         self._recover_lock = asyncio.Lock()
         self.closing = False  # its consumer is stopping; it cannot be carried again
         self.careful = False  # taken from an owner that died (see SessionPort.careful)
-        self._gone = asyncio.Event()
         self._close_settled = asyncio.Event()  # no close under way (done or called off)
         self._close_settled.set()
         self._incarnation = 0
@@ -267,7 +266,6 @@ class Session:
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError as exc:
             self.log.warning("could not release session: {}", exc)
-        self._gone.set()
         self._close_settled.set()
         if self.on_closed is not None:
             self.on_closed(self)
@@ -292,7 +290,6 @@ class Session:
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError:
             pass
-        self._gone.set()
         self._close_settled.set()
 
     async def wait_close_settled(self) -> None:

@@ -336,9 +336,9 @@ class SqliteStore(Store):
         rows = [(session_id, r.seq, r.client_id, r.op, r.args, now) for r in requests]
         top = max(r.seq for r in requests)
 
-        # One statement for the whole batch: the writer thread takes the GIL
-        # back after every SQLite step, and each time may wait for the event
-        # loop, so steps, not rows, are what a commit costs.
+        # One statement for the whole batch rather than one per row: less of
+        # the writer thread's time under the GIL it shares with the event
+        # loop (docs/performance.md has what this did and did not change).
         sql = (
             "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at) VALUES "
             + ",".join(["(?, ?, ?, ?, ?, 'queued', ?)"] * len(rows))
