@@ -177,6 +177,10 @@ class Session:
         store into a fresh queue. Called by the manager on broker reconnect."""
         async with self._recover_lock:
             await self._recover()
+        # A close held back while the queue was reopened (see _begin_close):
+        # its client left and nothing is left to run.
+        if self.state == "draining" and not self.unfinished and not self._incoming:
+            self._begin_close()
 
     async def _recover(self) -> None:
         if self.state == "closed":
@@ -198,8 +202,6 @@ class Session:
         self.replayed_finals &= self.unfinished.keys()
         await self._open_queue(todo)
         self.log.info("session recovered; {} requests re-published", len(todo))
-        if self.state == "draining" and not self.unfinished and not self._incoming:
-            self._begin_close()  # its client left and nothing is left to run
 
     def attach(self, outbox: Outbox, close: Callable[[int, str], None]) -> None:
         self.outbox = outbox
