@@ -403,13 +403,13 @@ class Server:
 
     async def _take_session(self, session_id: str, username: str, conn: Connection) -> Session:
         local = self.sessions.get(session_id)
-        while local is not None and local.closing:
+        if local is not None and local.closing:
             # Draining just ended (or a hand-over is under way): let it release
             # ownership and take the session up afresh from the store, or, if
             # the close was called off, carry on with it.
             await local.wait_close_settled()
             local = self.sessions.get(session_id)
-        if local is not None and local.state == "closed":
+        if local is not None and (local.closing or local.state == "closed"):
             local = None
         if local is not None and local.state != "closed":
             if local.username.lower() != username.lower():
