@@ -411,11 +411,7 @@ class Session:
                         self._incoming_ids.pop(pending.frame.id, None)
                 for pending in batch:
                     if pending.cancel:
-                        try:
-                            await self.cancel(pending.frame.id)
-                        except StoreError as exc:
-                            self.push(encode_error(ErrorCode.UNAVAILABLE,
-                                                   f"could not cancel: {exc}", pending.frame.id))  # fmt: skip
+                        await self.cancel(pending.frame.id)
         finally:
             self._pump_task = None
 
@@ -521,6 +517,14 @@ class Session:
         return keep
 
     async def cancel(self, rid: str) -> None:
+        """Answer a client's cancel; a store that cannot be read or written
+        gets `unavailable`, and the request then runs as if never cancelled."""
+        try:
+            await self._cancel(rid)
+        except StoreError as exc:
+            self.push(encode_error(ErrorCode.UNAVAILABLE, f"could not cancel: {exc}", rid))
+
+    async def _cancel(self, rid: str) -> None:
         seq = self._seq_of(rid)
         if seq is None:
             waiting = self._incoming_ids.get(rid)
@@ -549,11 +553,10 @@ class Session:
             await self.store.finish_request(
                 self.session_id, seq, self.epoch, frame.decode(), True, time.time()
             )
-        except StoreError as exc:
+        except StoreError:
             self._cancels.pop(seq, None)
             future.set_result(b"")  # not cancelled after all: the consumer runs it
-            self.push(encode_error(ErrorCode.UNAVAILABLE, f"could not cancel: {exc}", rid))
-            return
+            raise
         future.set_result(frame)
 
     def _seq_of(self, rid: str) -> int | None:

@@ -620,15 +620,11 @@ def _run_batch(c: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
         results = [op(c) for op in ops]
         c.execute("COMMIT")
         return [(True, result) for result in results]
-    except Exception:  # one op (or the whole transaction: then it fails again below)
-        if c.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                c.execute("ROLLBACK")
-    except BaseException:
-        if c.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                c.execute("ROLLBACK")
-        raise
+    except BaseException as e:
+        _rollback(c)
+        if not isinstance(e, Exception):
+            raise
+        # One op failed (or the whole transaction did: then it fails again below).
     outcomes: list[tuple[bool, Any]] = []
     c.execute("BEGIN IMMEDIATE")
     try:
@@ -644,11 +640,15 @@ def _run_batch(c: sqlite3.Connection, ops: list[Op]) -> list[tuple[bool, Any]]:
             c.execute("RELEASE op")
         c.execute("COMMIT")
     except BaseException:
-        if c.in_transaction:
-            with contextlib.suppress(sqlite3.Error):
-                c.execute("ROLLBACK")
+        _rollback(c)
         raise
     return outcomes
+
+
+def _rollback(c: sqlite3.Connection) -> None:
+    if c.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            c.execute("ROLLBACK")
 
 
 def _store_error(e: Exception) -> Exception:
