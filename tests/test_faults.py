@@ -87,6 +87,29 @@ def worker_pids(parent: int) -> list[str]:
     ]  # fmt: skip
 
 
+def writer_pid(server: int) -> int:
+    """The pid of the SQLite writer process of the server (or worker) ``server``."""
+    children = Path(f"/proc/{server}/task/{server}/children").read_text().split()
+    (pid,) = [p for p in children if b"sqlite_writer" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    return int(pid)
+
+
+async def process_ended(pid: int) -> None:
+    """Wait for ``pid`` (not necessarily our child) to exit."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        return
+    ended = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_reader(fd, ended.set)  # a pidfd turns readable when its process exits
+    try:
+        await asyncio.wait_for(ended.wait(), 4 * UNIT)
+    finally:
+        loop.remove_reader(fd)
+        os.close(fd)
+
+
 async def open_client(server: ServerProcess, token: str | None = None) -> Client:
     client = Client(await websockets.connect(server.url))
     if token is None:
@@ -131,7 +154,9 @@ async def test_sigkill_mid_queue_then_restart_and_resume(start_server: Start) ->
     seen = finals_of(frames)
     assert [f["seq"] for f in seen] == [1]
     await wait_running(client, "r2")
+    writer = writer_pid(first.proc.pid)
     await first.kill()  # r2 is running, r3..r5 queued
+    await process_ended(writer)  # the store's writer process does not outlive it
 
     second = await start_server()
     resumed, rest = await resume_all(second, client.welcome, after=1, count=4)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sqlite3
 import time
 import uuid
@@ -446,6 +447,35 @@ async def test_one_failing_write_does_not_fail_its_batch(sqlite_store: SqliteSto
     assert await s.kv_get("alice", "k") == "1"
     assert await s.get_user("carol") is not None
     assert [r.seq for r in await s.unfinished(sid)] == [2]
+
+
+async def test_the_store_outlives_its_writer_process(sqlite_store: SqliteStore) -> None:
+    # Writes run in a child process (off the server's GIL). If that process
+    # dies, the store starts another one: the server keeps serving.
+    s = sqlite_store
+    await s.create_user("alice", b"h")
+    first = s.writer_pid
+    assert first is not None
+    os.kill(first, signal.SIGKILL)
+    try:  # a write that meets the dead process fails; none after it does
+        await s.create_user("bob", b"h")
+    except StoreError as e:
+        assert "writer process ended" in str(e)
+    await s.create_user("carol", b"h")
+    assert s.writer_pid not in (None, first)
+    for name in ("alice", "carol"):
+        assert await s.get_user(name) is not None
+
+
+async def test_closing_the_store_ends_its_writer_process(tmp_path: Path) -> None:
+    s = SqliteStore(tmp_path / "store.db")
+    await s.open()
+    await s.create_user("alice", b"h")
+    pid = s.writer_pid
+    assert pid is not None and Path(f"/proc/{pid}").exists()
+    await s.close()
+    assert s.writer_pid is None
+    assert not Path(f"/proc/{pid}").exists()  # exited and reaped
 
 
 async def test_data_survives_close_and_reopen(tmp_path: Path) -> None:

@@ -1,0 +1,190 @@
+"""The SQLite store's writer process, both ends of its pipe.
+
+Why a process: a group commit is a few hundred SQLite steps, and the sqlite3
+module takes the GIL back after each one. On a thread of the server's own
+process every step therefore waited for the event loop to let go of the GIL:
+at 100 sessions x 16 requests in flight, a commit took ~30 ms of wall time for
+~7 ms of CPU, and the commits bounded the server's throughput. In a process of
+its own the writer has a GIL of its own; a commit takes about the CPU it needs
+(docs/performance.md has the figures).
+
+The protocol is private to the two ends: on the child's stdin and stdout, a
+4-byte big-endian length and a pickle, strictly one request then one reply.
+
+* At start the child opens the file and answers ``("ready", None)`` or
+  ``("failed", StoreError)``.
+* The parent sends a batch: a list of ``(function, args)``, each function a
+  module-level write in :mod:`server.store.sqlite` (pickled by reference). The
+  child runs the batch in one transaction with ``_run_batch`` and answers
+  ``("ok", [(True, result) or (False, exception), ...])``, or
+  ``("failed", StoreError)`` when the transaction as a whole failed.
+* EOF on its stdin ends the child. So it outlives neither a clean close nor the
+  server's death (even SIGKILL), and it ignores SIGINT and SIGTERM: a Ctrl-C or
+  a service stop reaches the whole process group, and the server still has
+  results to store while it shuts down.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pickle
+import signal
+import struct
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from .base import StoreError
+
+HEADER = struct.Struct("!I")
+# The directory that holds the ``server`` package: the child imports it from
+# there whether or not the package is installed.
+PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+STOP_TIMEOUT = 10.0
+
+Write = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+class WriterProcess:
+    """The parent's end: starts the child, runs batches on it, restarts it."""
+
+    def __init__(self, path: Path, busy_timeout: float) -> None:
+        self.path = path
+        self.busy_timeout = busy_timeout
+        self._proc: asyncio.subprocess.Process | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    async def start(self) -> None:
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
+        self._proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            __name__,
+            str(self.path),
+            str(self.busy_timeout),
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            env=env,
+        )
+        status, value = await self._exchange(None)
+        if status != "ready":
+            await self.stop()
+            raise value
+
+    async def run(self, batch: Sequence[Write]) -> list[tuple[bool, Any]]:
+        """Run ``batch`` in one transaction; raise StoreError if it failed whole.
+
+        A child that died (or was never started) is started first; a child that
+        dies during the batch fails the batch, and the next batch gets a new one.
+        Whether a batch that was in flight then committed is unknown, as with
+        any write whose answer is lost.
+        """
+        if self._proc is None or self._proc.returncode is not None:
+            await self._discard()
+            await self.start()
+        status, value = await self._exchange(list(batch))
+        if status == "ok":
+            return list(value)
+        raise value
+
+    async def stop(self) -> None:
+        """Close the child's stdin and wait for it to finish and exit."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        if proc.stdin is not None:
+            proc.stdin.close()
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+    async def _exchange(self, message: Any) -> tuple[str, Any]:
+        proc = self._proc
+        assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        try:
+            if message is not None:
+                payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+                proc.stdin.write(HEADER.pack(len(payload)) + payload)
+            size = HEADER.unpack(await proc.stdout.readexactly(HEADER.size))[0]
+            reply: tuple[str, Any] = pickle.loads(await proc.stdout.readexactly(size))
+        except (OSError, EOFError, asyncio.IncompleteReadError, pickle.PickleError) as e:
+            code = await self._discard()
+            raise StoreError(f"the store's writer process ended (exit code {code}): {e!r}") from e
+        except asyncio.CancelledError:
+            # The reply can no longer be matched to its batch: start afresh.
+            await self._discard()
+            raise
+        return reply
+
+    async def _discard(self) -> int | None:
+        """Kill the child (if it still runs) and forget it; return its exit code."""
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return None
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+        return await proc.wait()
+
+
+# -- the child's end ----------------------------------------------------------
+def _send(out: IO[bytes], reply: tuple[str, Any]) -> None:
+    try:
+        data = pickle.dumps(reply, pickle.HIGHEST_PROTOCOL)
+    except Exception as e:  # a result that cannot cross: a bug in a write
+        data = pickle.dumps(("failed", StoreError(f"cannot send a write's result: {e!r}")))
+    out.write(HEADER.pack(len(data)) + data)
+    out.flush()
+
+
+def _receive(inp: IO[bytes]) -> Any | None:
+    header = inp.read(HEADER.size)
+    if len(header) < HEADER.size:
+        return None
+    size = HEADER.unpack(header)[0]
+    data = inp.read(size)
+    if len(data) < size:
+        return None
+    return pickle.loads(data)
+
+
+def main(argv: Sequence[str]) -> int:
+    import sqlite3
+
+    from . import sqlite
+
+    path, busy_timeout = argv[0], float(argv[1])
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # The protocol owns stdout; anything else that prints goes to stderr.
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)
+    inp = os.fdopen(os.dup(0), "rb")
+    try:
+        c = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
+        sqlite._configure(c)
+    except sqlite3.Error as e:
+        _send(out, ("failed", StoreError(f"the writer cannot open {path}: {e}")))
+        return 1
+    _send(out, ("ready", None))
+    while (batch := _receive(inp)) is not None:
+        try:
+            _send(out, ("ok", sqlite._run_batch(c, batch)))
+        except Exception as e:  # the transaction as a whole failed
+            _send(out, ("failed", sqlite._store_error(e)))
+    c.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1:]))
