@@ -37,6 +37,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import IO, Any
 
+from loguru import logger
+
 from .base import StoreError
 
 HEADER = struct.Struct("!I")
@@ -119,6 +121,7 @@ class WriterProcess:
             reply: tuple[str, Any] = pickle.loads(await proc.stdout.readexactly(size))
         except (OSError, EOFError, asyncio.IncompleteReadError, pickle.PickleError) as e:
             code = await self._discard()
+            logger.warning("the SQLite writer process ended (exit code {}): {!r}", code, e)
             raise StoreError(f"the store's writer process ended (exit code {code}): {e!r}") from e
         except asyncio.CancelledError:
             # The reply can no longer be matched to its batch: start afresh.
