@@ -59,7 +59,9 @@ MAX_GROUP = 64  # delivered messages run as one unit
 CANCEL_TIMEOUT = 5.0  # bound on basic.cancel when the consumer stops
 
 
-Observer = Callable[[str, str, float], None]  # (op, outcome, seconds): metrics hook
+# The metrics hook, once per final: (op, outcome, seconds its handler ran, or
+# None for a final no handler produced: cancelled while queued, crashed, unknown op).
+Observer = Callable[[str, str, float | None], None]
 
 
 class Finisher(Protocol):
@@ -357,6 +359,7 @@ class SessionConsumer:
                 final = await cancelled  # b"": the cancel could not be stored, run it
                 if final:
                     self._queue_final(seq, final, store=False)
+                    self._count(opname, "cancelled")
                     continue
             if not port.begin(seq, rid):
                 continue  # already finished, or not this request (see SessionPort.begin)
@@ -453,8 +456,10 @@ class SessionConsumer:
     ) -> tuple[bytes, bool]:
         op = self.registry.get(opname)
         if op is None:
+            self._count(opname, ErrorCode.UNKNOWN_OP)
             return encode_error(ErrorCode.UNKNOWN_OP, f"unknown op {opname!r}", rid, seq), True
         if attempt > self.max_attempts:
+            self._count(opname, ErrorCode.CRASHED)
             message = f"request ran {attempt - 1} times and its process died each time"
             return encode_error(ErrorCode.CRASHED, message, rid, seq), True
         loop = self._loop
@@ -491,6 +496,10 @@ class SessionConsumer:
         finally:
             if self.observe is not None:
                 self.observe(opname, outcome, time.perf_counter() - started)
+
+    def _count(self, opname: str, outcome: str) -> None:
+        if self.observe is not None:
+            self.observe(opname, outcome, None)
 
     async def _invoke(
         self, op: Operation, args: dict[str, Any], ctx: Context, timeout: float

@@ -51,9 +51,10 @@ def run_time(op: str) -> Any:
     return request_seconds.labels(op)
 
 
-def observe_request(op: str, outcome: str, seconds: float) -> None:
-    """The consumer's hook: one finished request."""
-    run_time(op).observe(seconds)
+def observe_request(op: str, outcome: str, seconds: float | None) -> None:
+    """The consumer's hook: one final (``seconds`` None: no handler ran)."""
+    if seconds is not None:
+        run_time(op).observe(seconds)
     finished(op, outcome).inc()
 
 

@@ -12,6 +12,7 @@ import asyncio
 import os
 import signal
 import sys
+import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,11 @@ def worker_pids(parent: int) -> list[str]:
         pid for pid in children
         if b"resource_tracker" not in Path(f"/proc/{pid}/cmdline").read_bytes()
     ]  # fmt: skip
+
+
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=UNIT) as response:
+        return bytes(response.read())
 
 
 def writer_pid(server: int) -> int:
@@ -195,6 +201,8 @@ async def test_request_that_keeps_killing_its_process_ends_crashed(start_server:
         ("poison", 2, "crashed"), ("after", 3, None)
     ]  # fmt: skip
     assert finals[1]["value"] == {"ok": True}
+    metrics = await asyncio.to_thread(_get, f"http://127.0.0.1:{server.port}/metrics")
+    assert b'sessionq_requests_finished_total{op="test.die",outcome="crashed"} 1.0' in metrics
 
 
 async def test_sigterm_finishes_running_keeps_the_rest(start_server: Start) -> None:

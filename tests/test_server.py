@@ -309,6 +309,7 @@ async def test_cancel_queued_running_and_finished(server_factory: ServerFactory,
                                                   user_client: ClientFactory) -> None:  # fmt: skip
     server = await server_factory(ops="tests.ops_for_tests")
     client = await user_client(target=server)
+    before = {op: _finished(op, "cancelled") for op in ("sleep", "echo")}
     await client.submit("run", "sleep", {"seconds": 30})
     await client.submit("queued", "echo", {"x": 1})
     await client.submit("after", "echo", {"x": 2})
@@ -320,6 +321,10 @@ async def test_cancel_queued_running_and_finished(server_factory: ServerFactory,
     assert [(f["id"], f["seq"], f.get("code")) for f in finals] == [
         ("run", 1, "cancelled"), ("queued", 2, "cancelled"), ("after", 3, None)
     ]  # fmt: skip
+    # Both cancels count as finals, the queued one too (no handler ran for it).
+    assert {op: _finished(op, "cancelled") - n for op, n in before.items()} == {
+        "sleep": 1, "echo": 1
+    }  # fmt: skip
     await client.send({"type": "cancel", "id": "after"})
     reply = await client.recv()
     assert (reply["code"], reply["id"], "seq" in reply) == ("not_found", "after", False)
@@ -335,6 +340,11 @@ async def test_cancel_queued_running_and_finished(server_factory: ServerFactory,
     frames = await client.finals(1)
     assert ("not_cancellable", "blk") in [(f.get("code"), f.get("id")) for f in frames]
     assert finals_of(frames)[0]["value"] == {"attempt": 1}
+
+
+def _finished(op: str, outcome: str) -> float:
+    labels = {"op": op, "outcome": outcome}
+    return REGISTRY.get_sample_value("sessionq_requests_finished_total", labels) or 0.0
 
 
 def _broker_messages() -> float:
