@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import http
 import mimetypes
+import multiprocessing
 import os
 import secrets
 import socket
@@ -38,6 +39,7 @@ from server import metrics
 from server.auth import Authenticator
 from server.broker import Broker, BrokerError
 from server.connection import Connection, SQConnection
+from server.lifetime import end_with_parent
 from server.session import Session
 from server.settings import Settings
 from server.store import Store, StoreError, open_store
@@ -94,7 +96,16 @@ class Server:
         if self.registry.get("echo") is None:
             register_builtins(self.registry)
         self.registry.load(settings.ops)
-        self.cpu_pool = ProcessPoolExecutor(max_workers=max(1, (os.cpu_count() or 2) - 1))
+        # spawn, not fork: a forked pool process would keep copies of every
+        # descriptor open at that moment (listening sockets, the SQLite
+        # writer's pipe, which then never sees EOF). And a pool process waits
+        # for work forever: it must die with the server, even a SIGKILLed one.
+        self.cpu_pool = ProcessPoolExecutor(
+            max_workers=max(1, (os.cpu_count() or 2) - 1),
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=end_with_parent,
+            initargs=(os.getpid(),),
+        )
         self.broker.on_recover(self._recover_sessions)
         self.broker.on_control(self._control)
         try:

@@ -151,18 +151,12 @@ def _worker_main(settings: Settings) -> None:
 def _die_with_parent() -> None:
     """A worker must not outlive its parent (e.g. SIGKILL of the parent): ask
     Linux to send it SIGTERM then, which shuts it down gracefully."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
+    from server.lifetime import die_with_parent
 
-    pr_set_pdeathsig = 1
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.prctl(pr_set_pdeathsig, int(signal.SIGTERM))
-    except (OSError, AttributeError):
+    if not die_with_parent(signal.SIGTERM):
+        if os.getppid() == 1:  # the parent died before prctl took effect
+            raise SystemExit(0)
         logger.warning("cannot tie the worker's life to its parent")
-    if os.getppid() == 1:  # the parent died before prctl took effect
-        raise SystemExit(0)
 
 
 def _run_worker(settings: Settings) -> int:

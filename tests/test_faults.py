@@ -93,10 +93,16 @@ def _get(url: str) -> bytes:
         return bytes(response.read())
 
 
+def _children(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+
+
 def writer_pid(server: int) -> int:
     """The pid of the SQLite writer process of the server (or worker) ``server``."""
-    children = Path(f"/proc/{server}/task/{server}/children").read_text().split()
-    (pid,) = [p for p in children if b"sqlite_writer" in Path(f"/proc/{p}/cmdline").read_bytes()]
+    (pid,) = [
+        p for p in _children(server)
+        if b"sqlite_writer" in Path(f"/proc/{p}/cmdline").read_bytes()
+    ]  # fmt: skip
     return int(pid)
 
 
@@ -171,6 +177,19 @@ async def test_sigkill_mid_queue_then_restart_and_resume(start_server: Start) ->
     assert [f["seq"] for f in finals] == [1, 2, 3, 4, 5]  # exactly once each, in order
     assert rest[0]["value"] == {"attempt": 2}  # r2 ran again after the crash
     assert [f["value"] for f in rest[1:]] == [{"n": 3}, {"n": 4}, {"n": 5}]
+
+
+async def test_a_killed_server_leaves_no_process_behind(start_server: Start) -> None:
+    server = await start_server()
+    client = await open_client(server)
+    await client.submit("h", "hash", {"data": "x", "rounds": 1000})  # starts the CPU pool
+    frames = await client.recv_until(lambda f: f.get("id") == "h" and f["type"] == "result")
+    assert len(frames[-1]["value"]["hex"]) == 64
+    children = [int(p) for p in _children(server.proc.pid)]
+    assert writer_pid(server.proc.pid) in children and len(children) >= 2
+    await server.kill()
+    # Neither the store's writer nor a CPU pool process outlives the server.
+    await asyncio.gather(*(process_ended(pid) for pid in children))
 
 
 async def test_request_that_keeps_killing_its_process_ends_crashed(start_server: Start) -> None:

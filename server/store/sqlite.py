@@ -500,17 +500,19 @@ class SqliteStore(Store):
         return [(key, value) for key, value in rows]
 
 
-# -- run on aiosqlite's thread -----------------------------------------------
+# -- reads and set-up: on aiosqlite's thread, in the server's process -----------
 async def _call(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T:
     """Run ``fn(connection, *args)`` on the connection's thread, in one hop.
 
     aiosqlite's public calls are one statement each; its ``_execute`` (stable
-    across its releases) takes a whole function, which the batch design needs.
+    across its releases) takes a whole function, so a read of several
+    statements (or the schema set-up) costs one hop.
     """
     execute = cast(Callable[..., Awaitable[T]], db._execute)
     return await execute(fn, db._conn, *args)
 
 
+# -- set-up and the batch runner (the batch runs in the writer process) -------
 def _configure(c: sqlite3.Connection) -> None:
     c.execute("PRAGMA journal_mode = WAL")
     c.execute("PRAGMA synchronous = NORMAL")

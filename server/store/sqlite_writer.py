@@ -18,10 +18,12 @@ The protocol is private to the two ends: on the child's stdin and stdout, a
   child runs the batch in one transaction with ``_run_batch`` and answers
   ``("ok", [(True, result) or (False, exception), ...])``, or
   ``("failed", StoreError)`` when the transaction as a whole failed.
-* EOF on its stdin ends the child. So it outlives neither a clean close nor the
-  server's death (even SIGKILL), and it ignores SIGINT and SIGTERM: a Ctrl-C or
-  a service stop reaches the whole process group, and the server still has
-  results to store while it shuts down.
+* EOF on its stdin ends the child once its batch is done: that is how a clean
+  close ends it. It also gets SIGKILL when the server dies (Linux's parent-death
+  signal), since a descendant holding a copy of the pipe would keep EOF away.
+  It runs in a session of its own and ignores SIGINT and SIGTERM: a Ctrl-C or a
+  service stop reaches the server, which still has results to store while it
+  shuts down.
 """
 
 from __future__ import annotations
@@ -42,9 +44,15 @@ from loguru import logger
 from .base import StoreError
 
 HEADER = struct.Struct("!I")
-# The directory that holds the ``server`` package: the child imports it from
-# there whether or not the package is installed.
+# The directory that holds the ``server`` package. The child appends it to its
+# path (after the standard library and site-packages; ``-P`` keeps the working
+# directory out), so it finds this package whether or not it is installed.
 PACKAGE_ROOT = str(Path(__file__).resolve().parents[2])
+BOOTSTRAP = (
+    "import sys; sys.path.append(sys.argv.pop(1)); "
+    "from server.store.sqlite_writer import main; raise SystemExit(main(sys.argv[1:]))"
+)
+START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
 
 Write = tuple[Callable[..., Any], tuple[Any, ...]]
@@ -63,19 +71,22 @@ class WriterProcess:
         return None if self._proc is None else self._proc.pid
 
     async def start(self) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PACKAGE_ROOT, env.get("PYTHONPATH")]))
-        self._proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            __name__,
-            str(self.path),
-            str(self.busy_timeout),
-            stdin=asyncio.subprocess.PIPE,
-            stdout=asyncio.subprocess.PIPE,
-            env=env,
-        )
-        status, value = await self._exchange(None)
+        try:
+            self._proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-P", "-c", BOOTSTRAP, PACKAGE_ROOT,
+                str(self.path), str(self.busy_timeout), str(os.getpid()),
+                stdin=asyncio.subprocess.PIPE,
+                stdout=asyncio.subprocess.PIPE,
+                start_new_session=True,
+            )  # fmt: skip
+        except OSError as e:  # no fork, no descriptors left, ...
+            raise StoreError(f"cannot start the store's writer process: {e}") from e
+        try:
+            async with asyncio.timeout(START_TIMEOUT):
+                status, value = await self._exchange(None)
+        except TimeoutError:
+            await self._discard()
+            raise StoreError("the store's writer process did not start") from None
         if status != "ready":
             await self.stop()
             raise value
@@ -113,13 +124,18 @@ class WriterProcess:
     async def _exchange(self, message: Any) -> tuple[str, Any]:
         proc = self._proc
         assert proc is not None and proc.stdin is not None and proc.stdout is not None
+        if message is not None:
+            try:  # before touching the pipe: a write that cannot be sent fails alone
+                payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+                header = HEADER.pack(len(payload))
+            except Exception as e:
+                raise StoreError(f"cannot send a batch to the store's writer: {e!r}") from e
         try:
             if message is not None:
-                payload = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
-                proc.stdin.write(HEADER.pack(len(payload)) + payload)
+                proc.stdin.write(header + payload)
             size = HEADER.unpack(await proc.stdout.readexactly(HEADER.size))[0]
             reply: tuple[str, Any] = pickle.loads(await proc.stdout.readexactly(size))
-        except (OSError, EOFError, asyncio.IncompleteReadError, pickle.PickleError) as e:
+        except Exception as e:  # the pipe broke, or what came back is not a reply
             code = await self._discard()
             logger.warning("the SQLite writer process ended (exit code {}): {!r}", code, e)
             raise StoreError(f"the store's writer process ended (exit code {code}): {e!r}") from e
@@ -162,13 +178,16 @@ def _receive(inp: IO[bytes]) -> Any | None:
 
 
 def main(argv: Sequence[str]) -> int:
-    import sqlite3
-
-    from . import sqlite
-
-    path, busy_timeout = argv[0], float(argv[1])
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    import sqlite3
+
+    from ..lifetime import die_with_parent
+    from . import sqlite
+
+    path, busy_timeout, parent = argv[0], float(argv[1]), int(argv[2])
+    if not die_with_parent(signal.SIGKILL, parent) and os.getppid() != parent:
+        return 0  # the server died while this process started
     # The protocol owns stdout; anything else that prints goes to stderr.
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
@@ -181,13 +200,11 @@ def main(argv: Sequence[str]) -> int:
         return 1
     _send(out, ("ready", None))
     while (batch := _receive(inp)) is not None:
+        # (A result that cannot be pickled is reported as a failure of the
+        # whole batch although it committed: only a bug in a write does that.)
         try:
             _send(out, ("ok", sqlite._run_batch(c, batch)))
         except Exception as e:  # the transaction as a whole failed
             _send(out, ("failed", sqlite._store_error(e)))
     c.close()
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main(sys.argv[1:]))
