@@ -63,6 +63,7 @@ class Server:
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.registry = registry if registry is not None else default_registry
         self.store: Store = open_store(settings.store_url)
+        self.store.on_failure = metrics.store_errors.inc
         self.broker = Broker(
             settings.broker_url,
             channels=settings.amqp_channels,

@@ -460,7 +460,6 @@ class Session:
         try:
             await self.store.add_requests(self.session_id, self.epoch, records, time.time())
         except (StoreError, Fenced) as exc:
-            metrics.store_errors.inc()
             self.log.warning("storing {} requests failed: {}", len(batch), exc)
             for p in batch:
                 self._refuse(ErrorCode.UNAVAILABLE, "the request could not be stored; retry",

@@ -24,6 +24,7 @@ from conftest import (
     finals_of,
     rabbitmqctl,
 )
+from prometheus_client import REGISTRY
 
 from server.app import Server
 
@@ -242,10 +243,12 @@ async def test_store_write_failure_refuses_instead_of_accepting(
                 while True:
                     f.write(b"\0" * 65536)
                     f.flush()
+        errors = REGISTRY.get_sample_value("sessionq_store_errors_total") or 0.0
         await client.submit("full", "echo", {"blob": "x" * 200_000})
         reply = await client.recv()
         assert (reply["type"], reply["id"], reply["code"]) == ("error", "full", "unavailable")
         assert "seq" not in reply
+        assert (REGISTRY.get_sample_value("sessionq_store_errors_total") or 0.0) > errors
         filler.unlink()
         await client.submit("after", "echo", {"ok": 1})
         frames = await client.finals(1)

@@ -537,16 +537,20 @@ async def test_two_stores_on_one_file_both_write(tmp_path: Path) -> None:
 async def test_writes_fail_while_locked_out_and_work_again_after(tmp_path: Path) -> None:
     path = tmp_path / "store.db"
     s = SqliteStore(path, busy_timeout=UNIT)
+    failures: list[int] = []
+    s.on_failure = failures.append  # sessionq_store_errors_total's hook
     await s.open()
     blocker = sqlite3.connect(path, isolation_level=None)
     try:
         blocker.execute("BEGIN IMMEDIATE")  # another process holds the write lock
         with pytest.raises(StoreError):
             await s.kv_put("alice", "k", "1")
+        assert failures == [1]
         assert await s.kv_get("alice", "k") is None  # reads go on meanwhile
         blocker.execute("ROLLBACK")
         await s.kv_put("alice", "k", "2")
         assert await s.kv_get("alice", "k") == "2"
+        assert failures == [1]  # what was asked and done is not a failure
     finally:
         blocker.close()
         await s.close()

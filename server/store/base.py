@@ -25,7 +25,7 @@ methods' semantics are the same as if each ran alone.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -98,6 +98,16 @@ class SessionCounts:
 
 class Store(abc.ABC):
     """Async storage for sessionq. One instance per process, shared by all tasks."""
+
+    #: Told the number of operations that failed for the store's own reasons
+    #: (unreachable, full disk, I/O error, lock not granted), not for what was
+    #: asked (a taken name, a fenced epoch). The server counts them in
+    #: ``sessionq_store_errors_total``.
+    on_failure: Callable[[int], object] | None = None
+
+    def _failed(self, operations: int = 1) -> None:
+        if self.on_failure is not None:
+            self.on_failure(operations)
 
     # -- lifecycle -----------------------------------------------------------
     @abc.abstractmethod

@@ -66,13 +66,15 @@ PURGE_CHUNK = 1000  # sessions checked per round trip by purge
 
 
 def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn PyMongo's errors into StoreError."""
+    """Turn PyMongo's errors into StoreError (a method's: counted as failures)."""
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
         try:
             return await fn(*args, **kwargs)
         except PyMongoError as e:
+            if args and isinstance(args[0], Store):
+                args[0]._failed()
             raise StoreError(f"mongodb: {e}") from e
 
     return wrapper

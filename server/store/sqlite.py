@@ -218,6 +218,7 @@ class SqliteStore(Store):
         try:
             outcomes = await self._process.run([write for write, _ in batch])
         except Exception as e:  # the transaction failed: nothing of the batch is stored
+            self._failed(len(batch))
             for _, fut in batch:
                 if not fut.done():
                     fut.set_exception(_store_error(e))
@@ -242,6 +243,7 @@ class SqliteStore(Store):
         try:
             return await _call(self._db, fn)
         except sqlite3.Error as e:
+            self._failed()
             raise StoreError(f"sqlite: {e}") from e
 
     # -- users ---------------------------------------------------------------
