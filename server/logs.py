@@ -22,6 +22,9 @@ def configure(log_format: str = "auto", level: str = "INFO") -> None:
     logger.remove()
     as_json = log_format == "json" or (log_format == "auto" and not sys.stderr.isatty())
     if as_json:
-        logger.add(sys.stderr, level=level.upper(), serialize=True, enqueue=False)
+        # format= shapes the record's "text" field: the same line as on a TTY.
+        logger.add(
+            sys.stderr, level=level.upper(), format=TEXT_FORMAT, colorize=False, serialize=True
+        )
     else:
         logger.add(sys.stderr, level=level.upper(), format=TEXT_FORMAT, colorize=None)
