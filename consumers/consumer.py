@@ -359,7 +359,8 @@ class SessionConsumer:
                 final = await cancelled  # b"": the cancel could not be stored, run it
                 if final:
                     self._queue_final(seq, final, store=False)
-                    self._count(opname, "cancelled")
+                    if opname:  # "": a final stored by an earlier owner, counted there
+                        self._count(opname, "cancelled")
                     continue
             if not port.begin(seq, rid):
                 continue  # already finished, or not this request (see SessionPort.begin)

@@ -200,11 +200,10 @@ class Server:
             return  # another process got there first
         session = self._make_session(session_id, record.username, epoch, record.last_seq)
         session.state = "draining"
-        work = await self._unfinished_work(session_id)
-        await session.start(work)
+        work = await session.take_up()
         if not session.unfinished:
             session.detach(None)
-        logger.bind(session=session_id).info("adopted orphaned session: {} to run", len(work))
+        logger.bind(session=session_id).info("adopted orphaned session: {} to run", work)
 
     async def _purge(self) -> None:
         while True:
@@ -440,12 +439,8 @@ class Server:
         record = await self.store.get_session(session_id)
         assert record is not None
         session = self._make_session(session_id, record.username, epoch, record.last_seq)
-        await session.start(await self._unfinished_work(session_id))
+        await session.take_up()
         return session
-
-    async def _unfinished_work(self, session_id: str) -> list[tuple[int, str, str, str, int]]:
-        rows = await self.store.unfinished(session_id)
-        return [(r.seq, r.client_id, r.op, r.args, r.attempts + 1) for r in rows]
 
     async def _claim_once(self, session_id: str) -> int | None:
         """One try at ownership. Taking a session from an owner whose lease
@@ -514,22 +509,28 @@ class Server:
             previous.detach(outbox)
         conn.session = session
         session.attach(outbox, conn.close)
+        # Live frames are held from here on. The session's unfinished requests
+        # (those cancelled while queued included: their final is stored early
+        # but sent when the queue reaches them) send their finals live, in seq
+        # order, into the held frames; every other final was sent before the
+        # hold, so it is stored, and the replay sends it from the store. All
+        # of those come before any unfinished one (FIFO): seq order throughout.
+        live = set(session.unfinished)
         replayed: set[int] = set()
         try:
-            # Read again now that live frames are held: every final stored from
-            # here on reaches the held frames, everything before is read here.
             finals = await self.store.finals_after(sid, after)
             await outbox.push_replayed(
                 encode_resumed(sid, session.last_seq, len(session.unfinished))
             )
             for seq, frame in finals:
+                if seq in live:
+                    continue
                 await outbox.push_replayed(frame.encode())
                 replayed.add(seq)
         finally:
-            # Finals the replay sent must not go out again live. The replay can
-            # skip seqs (a cancelled queued request is stored before the ones
-            # ahead of it finish), so this is a set, not a high-water mark; only
-            # seqs the consumer may still hand over need remembering.
+            # Finals the replay sent must not go out again live (by the rule
+            # above none should; this keeps it so if a final is handed over
+            # twice).
             session.replayed_finals |= {seq for seq in replayed if seq in session.unfinished}
 
             def keep(frame: bytes) -> bool:

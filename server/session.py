@@ -31,6 +31,7 @@ from consumers.registry import BadArgs, Registry
 from protocol import (
     ErrorCode,
     Submit,
+    decode_json,
     encode_accepted,
     encode_error,
     encode_json,
@@ -59,6 +60,10 @@ class _Pending:
 GATHER = 0.002  # after a batch of several: time for the rest of the client's burst
 SLOW_OP = 0.01  # a running request this old is slow: stop holding submits for it
 HOLD_MAX = 0.25  # longest a submit waits for the session's previous batch
+
+
+# A request to (re)publish: (seq, id, op, args JSON, attempt).
+Work = tuple[int, str, str, str, int]
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -125,7 +130,41 @@ class Session:
         self.log = logger.bind(session=session_id, user=username)
 
     # -- lifecycle ---------------------------------------------------------------
-    async def start(self, unfinished: list[tuple[int, str, str, str, int]] | None = None) -> None:
+    async def take_up(self) -> int:
+        """Start a session taken up from the store (from another owner, or
+        adopted): republish its stored work. Returns how many requests that is."""
+        work = await self._stored_work()
+        await self.start(work)
+        return len(work)
+
+    async def _stored_work(self, through: int | None = None) -> list[Work]:
+        """This session's work in the store, in seq order (up to seq ``through``):
+        its unfinished requests, and the queued ones cancelled before the queue
+        reached them. Those have their `cancelled` final stored already, ahead
+        of requests still unfinished, so they ride the queue like a live cancel
+        (see _cancel): their finals reach the client in seq order, after the
+        finals of the requests ahead of them."""
+        rows = await self.store.unfinished(self.session_id)
+        work = [
+            (r.seq, r.client_id, r.op, r.args, r.attempts + 1)
+            for r in rows
+            if through is None or r.seq <= through
+        ]
+        if not work:
+            return work
+        loop = asyncio.get_running_loop()
+        for seq, final in await self.store.finals_after(self.session_id, work[0][0]):
+            rid = decode_json(final).get("id")
+            if (through is not None and seq > through) or not isinstance(rid, str):
+                continue
+            if seq not in self._cancels:
+                self._cancels[seq] = loop.create_future()
+                self._cancels[seq].set_result(final.encode())
+            work.append((seq, rid, "", "null", 1))  # never run: the stored final is sent
+        work.sort()
+        return work
+
+    async def start(self, unfinished: list[Work] | None = None) -> None:
         """Declare a fresh queue, (re)publish ``unfinished`` requests from the
         store in seq order, and start the consumer and the submit pump."""
         if unfinished:
@@ -138,7 +177,7 @@ class Session:
             # get `unavailable`, and the broker's recovery callback retries.
             self.log.warning("session queue not ready: {}", exc)
 
-    async def _open_queue(self, unfinished: list[tuple[int, str, str, str, int]]) -> None:
+    async def _open_queue(self, unfinished: list[Work]) -> None:
         channel = self.broker.pick_channel()
         generation = self.broker.generation
         self._incarnation += 1
@@ -192,12 +231,7 @@ class Session:
             if self.state == "closed":
                 return  # closed while its consumer stopped: nothing to recover
         self.consumer = None
-        rows = await self.store.unfinished(self.session_id)
-        todo = [
-            (r.seq, r.client_id, r.op, r.args, r.attempts + 1)
-            for r in rows
-            if r.seq <= self.accepted_through
-        ]
+        todo = await self._stored_work(through=self.accepted_through)
         self.unfinished = {item[0]: item[1] for item in todo}
         self.replayed_finals &= self.unfinished.keys()
         await self._open_queue(todo)

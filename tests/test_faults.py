@@ -179,6 +179,28 @@ async def test_sigkill_mid_queue_then_restart_and_resume(start_server: Start) ->
     assert [f["value"] for f in rest[1:]] == [{"n": 3}, {"n": 4}, {"n": 5}]
 
 
+async def test_a_cancel_stored_before_a_crash_arrives_in_seq_order(start_server: Start) -> None:
+    # r2 is cancelled while r1 runs: its final is stored at once but belongs
+    # after r1's. The process dies; the next owner must keep that order.
+    first = await start_server()
+    client = await open_client(first)
+    await client.submit("r1", "sleep", {"seconds": 1})
+    await client.submit("r2", "echo", {"n": 2})
+    await client.submit("r3", "echo", {"n": 3})
+    await client.recv_until(lambda f: f.get("id") == "r3" and f["type"] == "accepted")
+    await wait_running(client, "r1")
+    await client.send({"type": "cancel", "id": "r2"})
+    await client.send({"type": "status", "id": "r3"})  # answered after the cancel is stored
+    await client.recv_until(lambda f: f["type"] == "status")
+    await first.kill()
+
+    second = await start_server()
+    resumed, finals = await resume_all(second, client.welcome, after=0, count=3)
+    assert resumed["last_seq"] == 3
+    assert [(f["seq"], f.get("code")) for f in finals] == [(1, None), (2, "cancelled"), (3, None)]
+    assert finals[2]["value"] == {"n": 3}
+
+
 async def test_a_killed_server_leaves_no_process_behind(start_server: Start) -> None:
     server = await start_server()
     client = await open_client(server)
