@@ -746,9 +746,7 @@ def idle_section(ctx: Context, n: int | None = None) -> str:
         f"| connect phase | {rep.get('connect_s', 0):.2f} s, "
         f"**{f['sessions_per_s'] or 0:,.0f} sessions/s** |",
         "| sessions/s, server RSS per idle session, in each run | "
-        + "; ".join(
-            f"{e['sessions_per_s'] or 0:,.0f}, {_num1(e['server_kib'])} KiB" for e in each
-        )
+        + "; ".join(f"{e['sessions_per_s'] or 0:,.0f}, {_num1(e['server_kib'])} KiB" for e in each)
         + " |",
         "| sessions/s over the first / the last tenth of them | "
         + (
