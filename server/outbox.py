@@ -38,6 +38,7 @@ class Outbox:
         self.on_slow = on_slow
         self._frames: deque[bytes] = deque()
         self._held: list[bytes] | None = None  # live frames kept back during a replay
+        self._held_size = 0  # their bytes (part of _size)
         self._size = 0
         self.task: asyncio.Task[None] | None = None
         self._empty = asyncio.Event()
@@ -55,6 +56,7 @@ class Outbox:
             return
         if self._held is not None:
             self._held.append(frame)
+            self._held_size += len(frame)
             return
         self._frames.append(frame)
         self._empty.clear()
@@ -103,8 +105,10 @@ class Outbox:
     async def push_replayed(self, frame: bytes) -> None:
         """Send a replayed frame ahead of the held live ones, pacing the replay
         to the client's reading speed (it never counts as a slow reader by
-        itself, however long the replay)."""
-        while self._size > self.limit_bytes // 2 and not self.closed:
+        itself, however long the replay). Held live frames do not count here:
+        they cannot leave before the replay ends, so waiting for them would
+        stall the replay for good."""
+        while self._size - self._held_size > self.limit_bytes // 2 and not self.closed:
             self._sent.clear()
             await self._sent.wait()
         if self.closed:
@@ -118,6 +122,7 @@ class Outbox:
         """Send the held live frames after the replay, dropping those for which
         ``keep`` is False (finals the replay already carried)."""
         held, self._held = self._held or [], None
+        self._held_size = 0
         for frame in held:
             if keep(frame):
                 self._frames.append(frame)
@@ -133,6 +138,7 @@ class Outbox:
         self.closed = True
         self._frames.clear()
         self._held = None
+        self._held_size = 0
         self._sent.set()
         if self.on_slow is not None:
             self.on_slow()
