@@ -516,12 +516,24 @@ async def _call(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T
 
 # -- set-up and the batch runner (the batch runs in the writer process) -------
 def _configure(c: sqlite3.Connection) -> None:
-    c.execute("PRAGMA journal_mode = WAL")
+    """Per-connection settings (the writer's; WAL mode is the file's, set once)."""
     c.execute("PRAGMA synchronous = NORMAL")
     c.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
 
 
 def _setup(c: sqlite3.Connection) -> None:
+    # Switching a file to WAL can fail with "database is locked" without
+    # waiting for busy_timeout while another process opens the same new file
+    # (``--workers N`` all start at once): only switch when needed, and retry.
+    for delay in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 0):
+        try:
+            if c.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
+                c.execute("PRAGMA journal_mode = WAL")
+            break
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or not delay:
+                raise
+            time.sleep(delay)  # on aiosqlite's thread, at start-up
     _configure(c)
     c.executescript(SCHEMA)
 
