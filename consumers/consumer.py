@@ -210,6 +210,11 @@ class SessionConsumer:
         else:
             self._end()
 
+    @property
+    def ended(self) -> bool:
+        """True once the consumer has stopped (asked to, or on an error)."""
+        return self._ended is not None and self._ended.done()
+
     async def wait_ended(self) -> None:
         """Return once the consumer has stopped for good: no request running,
         none will start, and the broker no longer delivers to it."""
@@ -359,7 +364,7 @@ class SessionConsumer:
                 final = await cancelled  # b"": the cancel could not be stored, run it
                 if final:
                     self._queue_final(seq, final, store=False)
-                    if opname:  # "": a final stored by an earlier owner, counted there
+                    if opname:  # "": a result carried over, counted where it ran
                         self._count(opname, "cancelled")
                     continue
             if not port.begin(seq, rid):

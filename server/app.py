@@ -515,22 +515,34 @@ class Server:
         # order, into the held frames; every other final was sent before the
         # hold, so it is stored, and the replay sends it from the store. All
         # of those come before any unfinished one (FIFO): seq order throughout.
+        # Requests accepted from here on (seq above ``last``) also send their
+        # finals into the held frames. Without a running consumer nothing is
+        # sent live for now: the replay sends the stored finals up to the
+        # first unfinished request that has none, and the recovery that
+        # starts a consumer again carries the rest, in order, skipping what
+        # the replay sent (replayed_finals).
+        consumer = session.consumer
+        running = consumer is not None and not consumer.ended
         live = set(session.unfinished)
+        last = session.last_seq
         replayed: set[int] = set()
         try:
             finals = await self.store.finals_after(sid, after)
+            if not running:
+                stored = {seq for seq, _ in finals}
+                gap = min((seq for seq in live if seq not in stored), default=last + 1)
+                live = set(range(gap, last + 1))
             await outbox.push_replayed(
                 encode_resumed(sid, session.last_seq, len(session.unfinished))
             )
             for seq, frame in finals:
-                if seq in live:
+                if seq in live or seq > last:
                     continue
                 await outbox.push_replayed(frame.encode())
                 replayed.add(seq)
         finally:
-            # Finals the replay sent must not go out again live (by the rule
-            # above none should; this keeps it so if a final is handed over
-            # twice).
+            # Finals the replay sent must not go out again live (a recovery
+            # after the replay hands over stored finals of unfinished seqs).
             session.replayed_finals |= {seq for seq in replayed if seq in session.unfinished}
 
             def keep(frame: bytes) -> bool:

@@ -138,29 +138,40 @@ class Session:
         return len(work)
 
     async def _stored_work(self, through: int | None = None) -> list[Work]:
-        """This session's work in the store, in seq order (up to seq ``through``):
-        its unfinished requests, and the queued ones cancelled before the queue
-        reached them. Those have their `cancelled` final stored already, ahead
-        of requests still unfinished, so they ride the queue like a live cancel
-        (see _cancel): their finals reach the client in seq order, after the
-        finals of the requests ahead of them."""
+        """This session's work in the store, in seq order: its unfinished
+        requests, and the stored finals the client has not had yet and that
+        belong after one of those. A queued request cancelled while an earlier
+        one ran has its `cancelled` final stored at once; after a broker outage
+        (``through`` given: recovery of this session, up to that seq) a result
+        may be stored and not yet sent. Those ride the queue like a live cancel
+        (see _cancel): each is sent in its place, and never run."""
         rows = await self.store.unfinished(self.session_id)
         work = [
             (r.seq, r.client_id, r.op, r.args, r.attempts + 1)
             for r in rows
             if through is None or r.seq <= through
         ]
-        if not work:
-            return work
+        waiting = [item[0] for item in work]
+        if through is not None:  # what this session's client is still owed live
+            waiting += [seq for seq in self.unfinished if seq <= through]
+        if not waiting:
+            return work  # every stored final is in seq order: a resume replays them
+        have = {item[0] for item in work}
         loop = asyncio.get_running_loop()
-        for seq, final in await self.store.finals_after(self.session_id, work[0][0]):
-            rid = decode_json(final).get("id")
-            if (through is not None and seq > through) or not isinstance(rid, str):
+        for seq, final in await self.store.finals_after(self.session_id, min(waiting) - 1):
+            if seq in have or (through is not None and seq > through):
+                continue  # still unfinished when read first (a live cancel covers it)
+            record = await self.store.get_request(self.session_id, seq)
+            if record is None:
                 continue
             if seq not in self._cancels:
                 self._cancels[seq] = loop.create_future()
                 self._cancels[seq].set_result(final.encode())
-            work.append((seq, rid, "", "null", 1))  # never run: the stored final is sent
+            # Counted in metrics where it ran; a cancel is counted when sent.
+            cancelled = decode_json(final).get("code") == ErrorCode.CANCELLED
+            op = record.op if cancelled else ""
+            work.append((seq, record.client_id, op, record.args, 1))
+            have.add(seq)
         work.sort()
         return work
 

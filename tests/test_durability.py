@@ -177,6 +177,38 @@ async def test_broker_restart_mid_queue(server: Server, user_client: ClientFacto
     assert done[0]["seq"] == 6 and done[0]["value"] == {"ok": True}
 
 
+async def test_a_request_finished_during_an_outage_keeps_the_cancel_behind_it(
+    server: Server, user_client: ClientFactory
+) -> None:
+    """The running request finishes (and is stored) while the broker is away;
+    the cancelled one behind it has its final stored but not sent. The queue
+    re-created after the outage must still send that final, in its place."""
+    client = await user_client()
+    sid = client.welcome["session"]
+    await client.submit("run", "sleep", {"seconds": 0.5})
+    await client.submit("gone", "echo", {})
+    await client.submit("after", "echo", {})
+    await client.recv_until(lambda f: f.get("id") == "after" and f["type"] == "accepted")
+    await client.send({"type": "cancel", "id": "gone"})
+    await client.send({"type": "status", "id": "after"})  # answered after the cancel is stored
+    await client.recv_until(lambda f: f["type"] == "status")
+    await asyncio.to_thread(rabbitmqctl, "stop_app")
+    try:
+        async with asyncio.timeout(2 * UNIT):
+            # The store has no change notification: ask it until the running
+            # request's result is in (it finishes while the broker is away).
+            while (record := await server.store.get_request(sid, 1)) is None or (  # noqa: ASYNC110
+                record.state != "done"
+            ):
+                await asyncio.sleep(0.02)
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "start_app")
+    finals = finals_of(await client.finals(3, timeout=6 * UNIT))
+    assert [(f["seq"], f["id"], f.get("code")) for f in finals] == [
+        (1, "run", None), (2, "gone", "cancelled"), (3, "after", None)
+    ]  # fmt: skip
+
+
 async def test_second_server_takes_over_on_resume(
     server_factory: ServerFactory, user_client: ClientFactory, connect: ClientFactory
 ) -> None:
