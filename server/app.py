@@ -521,6 +521,9 @@ class Server:
         # first unfinished request that has none, and the recovery that
         # starts a consumer again carries the rest, in order, skipping what
         # the replay sent (replayed_finals).
+        # The client lacks every final above ``after``: an earlier replay's
+        # record of what it sent must not hold back any of those now.
+        session.replayed_finals = {seq for seq in session.replayed_finals if seq <= after}
         consumer = session.consumer
         running = consumer is not None and not consumer.ended
         live = set(session.unfinished)
@@ -538,8 +541,8 @@ class Server:
             for seq, frame in finals:
                 if seq in live or seq > last:
                     continue
-                await outbox.push_replayed(frame.encode())
-                replayed.add(seq)
+                if await outbox.push_replayed(frame.encode()):
+                    replayed.add(seq)
         finally:
             # Finals the replay sent must not go out again live (a recovery
             # after the replay hands over stored finals of unfinished seqs).

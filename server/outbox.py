@@ -77,7 +77,7 @@ class Outbox:
             return
         ws = self.ws
         if ws.protocol.state is not State.OPEN:
-            self.closed = True
+            self._mark_closed()
             return
         if ws.transport.get_write_buffer_size() == 0:
             self._send_burst()
@@ -102,7 +102,7 @@ class Outbox:
         if self._held is None:
             self._held = []
 
-    async def push_replayed(self, frame: bytes) -> None:
+    async def push_replayed(self, frame: bytes) -> bool:
         """Send a replayed frame ahead of the held live ones, pacing the replay
         to the client's reading speed (it never counts as a slow reader by
         itself, however long the replay). Held live frames do not count here:
@@ -112,11 +112,12 @@ class Outbox:
             self._sent.clear()
             await self._sent.wait()
         if self.closed:
-            return
+            return False  # not sent: the caller must not count it as replayed
         self._size += len(frame)
         self._frames.append(frame)
         self._empty.clear()
         self._start()
+        return True
 
     def release(self, keep: Callable[[bytes], bool]) -> None:
         """Send the held live frames after the replay, dropping those for which
@@ -131,6 +132,10 @@ class Outbox:
         if self._frames:
             self._empty.clear()
             self._start()
+
+    def _mark_closed(self) -> None:
+        self.closed = True
+        self._sent.set()  # a replay waiting for room gives up instead of hanging
 
     def slow(self) -> None:
         if self.closed:
@@ -176,7 +181,7 @@ class Outbox:
         except TimeoutError:
             self.slow()
         except (ConnectionClosed, OSError):
-            self.closed = True
+            self._mark_closed()
         finally:
             self.task = None
             if not self._frames:
@@ -184,7 +189,7 @@ class Outbox:
 
     async def stop(self) -> None:
         """Stop writing (the connection is over)."""
-        self.closed = True
+        self._mark_closed()
         task = self.task
         if task is not None:
             task.cancel()
