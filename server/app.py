@@ -509,21 +509,20 @@ class Server:
             previous.detach(outbox)
         conn.session = session
         session.attach(outbox, conn.close)
-        # Live frames are held from here on. The session's unfinished requests
-        # (those cancelled while queued included: their final is stored early
-        # but sent when the queue reaches them) send their finals live, in seq
-        # order, into the held frames; every other final was sent before the
-        # hold, so it is stored, and the replay sends it from the store. All
-        # of those come before any unfinished one (FIFO): seq order throughout.
-        # Requests accepted from here on (seq above ``last``) also send their
-        # finals into the held frames. Without a running consumer nothing is
-        # sent live for now: the replay sends the stored finals up to the
-        # first unfinished request that has none, and the recovery that
-        # starts a consumer again carries the rest, in order, skipping what
-        # the replay sent (replayed_finals).
         # The client lacks every final above ``after``: an earlier replay's
         # record of what it sent must not hold back any of those now.
         session.replayed_finals = {seq for seq in session.replayed_finals if seq <= after}
+        # Live frames are held from here on. Which finals the replay sends:
+        # - unfinished requests (those cancelled while queued included: their
+        #   final is stored early, sent when the queue reaches them) send
+        #   theirs live, in seq order, into the held frames; so do requests
+        #   accepted from here on (seq above ``last``);
+        # - every other final was sent before the hold, so it is stored: the
+        #   replay sends it. FIFO puts all of these before any unfinished one.
+        # - Without a running consumer nothing comes live for now: the replay
+        #   sends stored finals up to the first unfinished request with none;
+        #   the recovery that starts a consumer again carries the rest, in
+        #   order, skipping what the replay sent (replayed_finals).
         consumer = session.consumer
         running = consumer is not None and not consumer.ended
         live = set(session.unfinished)

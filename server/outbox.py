@@ -140,11 +140,10 @@ class Outbox:
     def slow(self) -> None:
         if self.closed:
             return
-        self.closed = True
+        self._mark_closed()
         self._frames.clear()
         self._held = None
         self._held_size = 0
-        self._sent.set()
         if self.on_slow is not None:
             self.on_slow()
 
