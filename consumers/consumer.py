@@ -109,6 +109,11 @@ class SessionPort(Protocol):
     def owned(self) -> bool:
         """Whether this process still owns the session at the consumer's epoch."""
 
+    def consumer_failed(self, consumer: SessionConsumer, exc: Exception) -> None:
+        """``consumer`` ended on an error (a result could not be stored, the
+        session was fenced), not because it was asked to stop: whatever is
+        unfinished is in the store, and the session has to carry it on."""
+
     @property
     def careful(self) -> bool:
         """Whether the session was taken from an owner that died: then each
@@ -312,6 +317,7 @@ class SessionConsumer:
             # (or the next owner) re-publishes it.
             self._stop = True
             logger.bind(session=self.port.session_id).warning("consumer ended: {!r}", exc)
+            self.port.consumer_failed(self, exc)
         finally:
             self._worker = None
             if self._stop:

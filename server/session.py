@@ -29,6 +29,7 @@ from loguru import logger
 from consumers.consumer import SessionConsumer, encode_batch
 from consumers.registry import BadArgs, Registry
 from protocol import (
+    CloseCode,
     ErrorCode,
     Submit,
     decode_json,
@@ -60,6 +61,8 @@ class _Pending:
 GATHER = 0.002  # after a batch of several: time for the rest of the client's burst
 SLOW_OP = 0.01  # a running request this old is slow: stop holding submits for it
 HOLD_MAX = 0.25  # longest a submit waits for the session's previous batch
+REPAIR_FIRST_DELAY = 0.2  # recovery after a consumer failed: first retry ...
+REPAIR_MAX_DELAY = 5.0  # ... doubling up to this
 
 
 # A request to (re)publish: (seq, id, op, args JSON, attempt).
@@ -122,6 +125,7 @@ class Session:
         self._pump_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._recover_lock = asyncio.Lock()
+        self._repair: asyncio.Task[None] | None = None  # after the consumer failed
         self.closing = False  # its consumer is stopping; it cannot be carried again
         self.careful = False  # taken from an owner that died (see SessionPort.careful)
         self._close_settled = asyncio.Event()  # no close under way (done or called off)
@@ -195,10 +199,15 @@ class Session:
         name = f"sessionq.s.{self.session_id}.{self.owner}.{self._incarnation}"
         await self.broker.declare_session_queue(channel, name, self.settings.max_pending)
         batch = self.settings.batch_max
-        for start in range(0, len(unfinished), batch):
-            await self.broker.publish(
-                channel, name, encode_batch(unfinished[start : start + batch])
-            )
+        try:
+            for start in range(0, len(unfinished), batch):
+                await self.broker.publish(
+                    channel, name, encode_batch(unfinished[start : start + batch])
+                )
+        except BrokerError:
+            # Never consumed, so auto-delete would keep it for the connection's life.
+            await self.broker.delete_queue(channel, name)
+            raise
         consumer = SessionConsumer(
             self,
             self.store,
@@ -219,17 +228,22 @@ class Session:
                 await consumer.start(channel, name)
         except Exception as exc:
             self.consumer = None
+            await self.broker.delete_queue(channel, name)
             raise BrokerError(f"consume failed: {exc!r}") from exc
 
-    async def recover(self) -> None:
+    async def recover(self, failed: SessionConsumer | None = None) -> None:
         """After a lost channel/connection: wait for the old consumer to end its
         running request, then re-publish every unfinished request from the
-        store into a fresh queue. Called by the manager on broker reconnect."""
+        store into a fresh queue. Called by the manager on broker reconnect,
+        and (``failed`` given) after that consumer ended on an error, unless
+        the session has been recovered since."""
         async with self._recover_lock:
+            if failed is not None and self.consumer not in (failed, None):
+                return
             await self._recover()
         # A close held back while the queue was reopened (see _begin_close):
         # its client left and nothing is left to run.
-        if self.state == "draining" and not self.unfinished and not self._incoming:
+        if self.state == "draining" and self._idle():
             self._begin_close()
 
     async def _recover(self) -> None:
@@ -248,6 +262,45 @@ class Session:
         await self._open_queue(todo)
         self.log.info("session recovered; {} requests re-published", len(todo))
 
+    def consumer_failed(self, consumer: SessionConsumer, exc: Exception) -> None:
+        if self.state == "closed" or consumer is not self.consumer or self._repair is not None:
+            return
+        if isinstance(exc, Fenced):
+            self._repair = asyncio.create_task(self._give_up())
+        else:
+            self._repair = asyncio.create_task(self._recover_until_running(consumer))
+
+    async def _recover_until_running(self, failed: SessionConsumer) -> None:
+        """Carry the session on after its consumer ended on an error (the store
+        failed under a result, or the consumer's channel did): recover from
+        the store as soon as it answers, retrying with capped backoff. A
+        broker reconnect recovers the session as well; whichever comes first
+        does it."""
+        delay = REPAIR_FIRST_DELAY
+        try:
+            while self.state != "closed":
+                try:
+                    await self.recover(failed)
+                    return
+                except (StoreError, BrokerError) as exc:
+                    self.log.warning("session not recovered yet: {}; retry in {:.1f}s", exc, delay)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, REPAIR_MAX_DELAY)
+        finally:
+            self._repair = None
+
+    async def _give_up(self) -> None:
+        """The store fenced a write: another process claimed the session after
+        this one's lease lapsed (it was stalled or cut off from the store).
+        Stop here as on a hand-over: the client gets 4409 and resumes there."""
+        self.log.warning("session claimed by another process; closing it here")
+        if self.close_connection is not None:
+            self.close_connection(CloseCode.TAKEN_OVER, "session taken over elsewhere")
+        await self.stop(self.settings.op_timeout)  # its consumer has ended already
+        self._repair = None
+        if self.on_closed is not None:
+            self.on_closed(self)
+
     def attach(self, outbox: Outbox, close: Callable[[int, str], None]) -> None:
         self.outbox = outbox
         self.close_connection = close
@@ -263,8 +316,14 @@ class Session:
         if self.state == "closed":
             return
         self.state = "draining"
-        if not self.unfinished and not self._incoming:
+        if self._idle():
             self._begin_close()
+
+    def _idle(self) -> bool:
+        """Nothing accepted is unfinished and no submit is on its way in (a
+        batch being stored and published counts: its client may have sent it
+        just before going away, and it is accepted all the same)."""
+        return not self.unfinished and not self._incoming and self._pump_task is None
 
     def _begin_close(self) -> None:
         if self._recover_lock.locked():
@@ -325,6 +384,8 @@ class Session:
         self.state = "closed"
         if self._pump_task is not None:
             self._pump_task.cancel()
+        if self._repair is not None and self._repair is not asyncio.current_task():
+            self._repair.cancel()
         consumer = self.consumer
         if consumer is not None:
             consumer.stop()
@@ -383,7 +444,7 @@ class Session:
         if not self.unfinished and self._idle_waiter is not None:
             _wake(self._idle_waiter)
             self._idle_waiter = None
-        if self.state == "draining" and not self.unfinished and not self._incoming:
+        if self.state == "draining" and self._idle():
             self._begin_close()
 
     def owned(self) -> bool:
@@ -459,6 +520,8 @@ class Session:
                         await self.cancel(pending.frame.id)
         finally:
             self._pump_task = None
+            if self.state == "draining" and self._idle():
+                self._begin_close()  # the client left while its last submits went in
 
     async def _wait_batch_done(self) -> None:
         """Let a streaming session's submits gather into one broker message.

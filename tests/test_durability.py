@@ -8,9 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import os
 import shutil
+import signal
+import struct
 import subprocess
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -293,6 +297,78 @@ async def test_store_write_failure_refuses_instead_of_accepting(
         await server.stop()
     finally:
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(disk)], check=False)
+
+
+def _unread_input(pid: int) -> int:
+    """Bytes written to process ``pid``'s stdin pipe that it has not read."""
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+    finally:
+        os.close(fd)
+
+
+async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
+    server: Server, user_client: ClientFactory
+) -> None:
+    """The store's writer process dies with a request's result in flight. The
+    consumer cannot store it and stops; the session carries on by itself from
+    the store, without a reconnect: the request runs again, the one queued
+    behind it runs, and each ends in exactly one final, in order."""
+    client = await user_client()
+    await client.submit("slow", "sleep", {"seconds": 0.3})
+    await client.submit("next", "echo", {"n": 2})
+    await client.recv_until(lambda f: f["type"] == "accepted" and f["id"] == "next")
+    writer = server.store.writer_pid  # type: ignore[attr-defined]
+    assert writer is not None
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(UNIT):  # "slow" finished: its result waits in the pipe
+            while _unread_input(writer) == 0:
+                await asyncio.sleep(0.01)
+    finally:
+        os.kill(writer, signal.SIGKILL)
+    finals = finals_of(await client.finals(2, timeout=2 * UNIT))
+    assert_exactly_once(finals, 2)
+    assert [f["value"] for f in finals] == [{"slept": 0.3}, {"n": 2}]
+    await client.send({"type": "status"})
+    status = await client.recv()
+    assert (status["pending"], status["last_done"]) == (0, 2), status
+
+
+async def test_a_submit_being_stored_when_its_client_leaves_is_still_run(
+    server: Server, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    """The client sends a submit and goes away while the server is storing it
+    (a token that expires, a dropped network). The session stays until that
+    submit is stored, published and run, then closes by itself: a resume
+    finds its result."""
+    client = await user_client()
+    session_id, token = client.welcome["session"], client.welcome["token"]
+    session = server.sessions[session_id]
+    writer = server.store.writer_pid  # type: ignore[attr-defined]
+    assert writer is not None
+    os.kill(writer, signal.SIGSTOP)
+    try:
+        await client.submit("last", "echo", {"n": 1})
+        async with asyncio.timeout(UNIT):  # the submit waits in the writer's pipe
+            while _unread_input(writer) == 0:
+                await asyncio.sleep(0.01)
+        await client.close()
+        async with asyncio.timeout(UNIT):  # the server saw the client go
+            while session.state == "open":
+                await asyncio.sleep(0.01)
+    finally:
+        os.kill(writer, signal.SIGCONT)
+    async with asyncio.timeout(UNIT):  # drained and let go (not taken up by the resume)
+        while session.state != "closed":
+            await asyncio.sleep(0.01)
+    again = await connect(path=f"/ws?token={token}")
+    assert (await again.recv())["type"] == "welcome"
+    resumed = await resume(again, session_id, after=0)
+    assert resumed["last_seq"] == 1, resumed
+    finals = finals_of(await again.finals(1))
+    assert [(f["id"], f["value"]) for f in finals] == [("last", {"n": 1})]
 
 
 async def test_resume_right_after_a_disconnect_while_the_session_closes(

@@ -9,8 +9,10 @@ one final frame, in seq order, across the live socket and the resume.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import sqlite3
 import sys
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -300,6 +302,41 @@ async def test_work_of_a_dead_process_runs_without_waiting_for_resume(start_serv
     assert [(f["seq"], f["value"]) for f in finals] == [
         (1, {"attempt": 2}), (2, {"key": "adopted", "ok": True})
     ]  # fmt: skip
+
+
+def session_epoch(db: Path, session_id: str) -> int:
+    with contextlib.closing(sqlite3.connect(db)) as c:
+        (epoch,) = c.execute(
+            "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,)
+        ).fetchone()
+    return int(epoch)
+
+
+async def test_a_stalled_owner_whose_session_moved_closes_it_with_4409(
+    start_server: Start, tmp_path: Path
+) -> None:
+    """A process stalls past its lease; another adopts its session and runs the
+    work. When the stalled one wakes up, the store refuses its result (its
+    epoch is stale): it lets the session go, and its client gets 4409 and
+    resumes where the session now lives, with one final per seq."""
+    first = await start_server()
+    second = await start_server()
+    client = await open_client(first)
+    session = client.welcome["session"]
+    await client.submit("r1", "test.attempt", {"seconds": 1})
+    await wait_running(client, "r1")
+    epoch = session_epoch(tmp_path / "sq.db", session)
+    first.proc.send_signal(signal.SIGSTOP)
+    try:
+        async with asyncio.timeout(4 * UNIT):  # the other process adopts it
+            while session_epoch(tmp_path / "sq.db", session) == epoch:
+                await asyncio.sleep(0.05)
+    finally:
+        first.proc.send_signal(signal.SIGCONT)
+    code, _ = await client.closed(timeout=2 * UNIT)
+    assert code == 4409
+    _, finals = await resume_all(second, client.welcome, after=0, count=1)
+    assert [(f["seq"], f["value"]) for f in finals] == [(1, {"attempt": 2})]
 
 
 async def test_workers_share_one_port_and_sessions_move_between_them(start_server: Start) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import math
 import socket
 import sys
 import time
@@ -19,6 +20,9 @@ async def test_token_expiry_closes_with_4401_after_token_expired(
     server_factory: ServerFactory, user_client: ClientFactory
 ) -> None:
     server = await server_factory(token_ttl=1)
+    # Tokens count whole seconds: register at the start of one, so the token
+    # lives about a second (not a few ms) and the submit lands before expiry.
+    await asyncio.sleep(math.ceil(time.time()) - time.time())
     client = await user_client(target=server)
     session = client.welcome["session"]
     drained = asyncio.get_running_loop().create_future()
