@@ -106,6 +106,15 @@ class Client:
         await self.ws.close()
 
 
+async def until(condition: Callable[[], bool], timeout: float = UNIT, every: float = 0.01) -> None:
+    """Wait for a condition that nothing announces (another process's pipe or
+    store row, a stopped process's state): check it every ``every`` seconds,
+    TimeoutError after ``timeout``."""
+    async with asyncio.timeout(timeout):
+        while not condition():  # noqa: ASYNC110
+            await asyncio.sleep(every)
+
+
 def _is_final(frame: dict[str, Any]) -> bool:
     return frame.get("type") in ("result", "error") and "seq" in frame
 

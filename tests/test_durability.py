@@ -27,6 +27,7 @@ from conftest import (
     ServerFactory,
     finals_of,
     rabbitmqctl,
+    until,
 )
 from prometheus_client import REGISTRY
 
@@ -323,9 +324,7 @@ async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
     assert writer is not None
     os.kill(writer, signal.SIGSTOP)
     try:
-        async with asyncio.timeout(UNIT):  # "slow" finished: its result waits in the pipe
-            while _unread_input(writer) == 0:
-                await asyncio.sleep(0.01)
+        await until(lambda: _unread_input(writer) > 0)  # "slow" finished: its result waits
     finally:
         os.kill(writer, signal.SIGKILL)
     finals = finals_of(await client.finals(2, timeout=2 * UNIT))
@@ -351,18 +350,12 @@ async def test_a_submit_being_stored_when_its_client_leaves_is_still_run(
     os.kill(writer, signal.SIGSTOP)
     try:
         await client.submit("last", "echo", {"n": 1})
-        async with asyncio.timeout(UNIT):  # the submit waits in the writer's pipe
-            while _unread_input(writer) == 0:
-                await asyncio.sleep(0.01)
+        await until(lambda: _unread_input(writer) > 0)  # the submit waits in the writer's pipe
         await client.close()
-        async with asyncio.timeout(UNIT):  # the server saw the client go
-            while session.state == "open":
-                await asyncio.sleep(0.01)
+        await until(lambda: session.state != "open")  # the server saw the client go
     finally:
         os.kill(writer, signal.SIGCONT)
-    async with asyncio.timeout(UNIT):  # drained and let go (not taken up by the resume)
-        while session.state != "closed":
-            await asyncio.sleep(0.01)
+    await until(lambda: session.state == "closed")  # drained and let go, before the resume
     again = await connect(path=f"/ws?token={token}")
     assert (await again.recv())["type"] == "welcome"
     resumed = await resume(again, session_id, after=0)

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 import websockets
-from conftest import BROKER_URL, PASSWORD, UNIT, Client, finals_of, unique_name
+from conftest import BROKER_URL, PASSWORD, UNIT, Client, finals_of, unique_name, until
 
 SECRET = "fault-injection-secret-of-32-bytes-at-least"
 
@@ -327,10 +327,8 @@ async def test_a_stalled_owner_whose_session_moved_closes_it_with_4409(
     await wait_running(client, "r1")
     epoch = session_epoch(tmp_path / "sq.db", session)
     first.proc.send_signal(signal.SIGSTOP)
-    try:
-        async with asyncio.timeout(4 * UNIT):  # the other process adopts it
-            while session_epoch(tmp_path / "sq.db", session) == epoch:
-                await asyncio.sleep(0.05)
+    try:  # the other process adopts it
+        await until(lambda: session_epoch(tmp_path / "sq.db", session) != epoch, 4 * UNIT, 0.05)
     finally:
         first.proc.send_signal(signal.SIGCONT)
     code, _ = await client.closed(timeout=2 * UNIT)
