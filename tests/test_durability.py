@@ -309,6 +309,11 @@ def _unread_input(pid: int) -> int:
         os.close(fd)
 
 
+def _state(pid: int) -> str:
+    """A process's state letter from /proc (R running, S sleeping, T stopped, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
+
+
 async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
     server: Server, user_client: ClientFactory
 ) -> None:
@@ -324,6 +329,7 @@ async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
     assert writer is not None
     os.kill(writer, signal.SIGSTOP)
     try:
+        await until(lambda: _state(writer) == "T")  # stopped, not about to read
         await until(lambda: _unread_input(writer) > 0)  # "slow" finished: its result waits
     finally:
         os.kill(writer, signal.SIGKILL)
@@ -349,6 +355,7 @@ async def test_a_submit_being_stored_when_its_client_leaves_is_still_run(
     assert writer is not None
     os.kill(writer, signal.SIGSTOP)
     try:
+        await until(lambda: _state(writer) == "T")  # stopped, not about to read
         await client.submit("last", "echo", {"n": 1})
         await until(lambda: _unread_input(writer) > 0)  # the submit waits in the writer's pipe
         await client.close()
