@@ -36,6 +36,9 @@ batch_size = Histogram(
 broker_up = Gauge(f"{NS}_broker_up", "1 while the AMQP connection is open")
 broker_reconnects = Counter(f"{NS}_broker_reconnects_total", "AMQP reconnections")
 store_errors = Counter(f"{NS}_store_errors_total", "Store operations that failed")
+consumer_failures = Counter(
+    f"{NS}_consumer_failures_total", "Session consumers that ended on an error", ["cause"]
+)
 closes = Counter(f"{NS}_closes_total", "Connections closed by the server", ["code"])
 
 

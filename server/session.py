@@ -125,7 +125,11 @@ class Session:
         self._pump_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._recover_lock = asyncio.Lock()
-        self._repair: asyncio.Task[None] | None = None  # after the consumer failed
+        self._repair: asyncio.Task[None] | None = None  # after a consumer failed
+        self._failed: SessionConsumer | None = None  # ... the newest such consumer
+        self._repair_delay = 0.0  # ... before its next try (0 after a stored result)
+        self._repair_sleeping = False
+        self._giving_up: asyncio.Task[None] | None = None
         self.closing = False  # its consumer is stopping; it cannot be carried again
         self.careful = False  # taken from an owner that died (see SessionPort.careful)
         self._close_settled = asyncio.Event()  # no close under way (done or called off)
@@ -260,44 +264,84 @@ class Session:
         self.unfinished = {item[0]: item[1] for item in todo}
         self.replayed_finals &= self.unfinished.keys()
         await self._open_queue(todo)
+        if self.state == "closed":  # stopped meanwhile (hand-over, shutdown)
+            consumer = self.consumer
+            if consumer is not None:
+                consumer.stop()  # it starts nothing; this ends the subscription
+                await consumer.wait_ended()
+            return
         self.log.info("session recovered; {} requests re-published", len(todo))
 
     def consumer_failed(self, consumer: SessionConsumer, exc: Exception) -> None:
-        if self.state == "closed" or consumer is not self.consumer or self._repair is not None:
+        if self.state == "closed" or consumer is not self.consumer:
             return
-        if isinstance(exc, Fenced):
-            self._repair = asyncio.create_task(self._give_up())
-        else:
-            self._repair = asyncio.create_task(self._recover_until_running(consumer))
+        fenced = isinstance(exc, Fenced)
+        metrics.consumer_failures.labels("fenced" if fenced else "error").inc()
+        if fenced:
+            self._lost_ownership()
+            return
+        self._failed = consumer  # the newest one: a repair under way picks it up
+        if self._repair is None:
+            self._repair = asyncio.create_task(self._repair_session())
 
-    async def _recover_until_running(self, failed: SessionConsumer) -> None:
-        """Carry the session on after its consumer ended on an error (the store
-        failed under a result, or the consumer's channel did): recover from
-        the store as soon as it answers, retrying with capped backoff. A
+    async def _repair_session(self) -> None:
+        """Carry the session on after its consumer ended on an error (a result
+        the store could not take, or the consumer's channel failed): recover
+        from the store once it takes writes again. The first try is at once;
+        while failures follow each other with no result stored in between
+        (a store that reads but cannot write), tries back off up to
+        REPAIR_MAX_DELAY, so the request is not re-run in a tight loop. A
         broker reconnect recovers the session as well; whichever comes first
         does it."""
-        delay = REPAIR_FIRST_DELAY
         try:
-            while self.state != "closed":
+            while self._failed is not None and self.state != "closed":
+                delay = self._repair_delay
+                if delay:
+                    self._repair_sleeping = True  # only now may a close cancel us
+                    try:
+                        await asyncio.sleep(delay)
+                    finally:
+                        self._repair_sleeping = False
+                self._repair_delay = min(max(REPAIR_FIRST_DELAY, delay * 2), REPAIR_MAX_DELAY)
+                failed, self._failed = self._failed, None
                 try:
+                    # A fenced write first. It proves that the store takes writes,
+                    # and that no other process adopted the session while this one
+                    # could not renew its lease: that one would be running the same
+                    # requests.
+                    lease_until = time.time() + self.settings.lease_seconds
+                    await self.store.renew_session(self.session_id, self.epoch, lease_until)
                     await self.recover(failed)
+                except Fenced:
+                    self._lost_ownership()
                     return
                 except (StoreError, BrokerError) as exc:
-                    self.log.warning("session not recovered yet: {}; retry in {:.1f}s", exc, delay)
-                await asyncio.sleep(delay)
-                delay = min(delay * 2, REPAIR_MAX_DELAY)
+                    if self._failed is None:
+                        self._failed = failed
+                    self.log.warning("session not recovered yet: {}", exc)
         finally:
             self._repair = None
 
-    async def _give_up(self) -> None:
+    def _cancel_sleeping_repair(self) -> None:
+        # A repair inside recover() is left to finish: cancelled there, it
+        # could leave a declared queue or a subscription behind; _recover
+        # stops what it opened once it sees the session closed.
+        if self._repair is not None and self._repair_sleeping:
+            self._repair.cancel()
+
+    def _lost_ownership(self) -> None:
         """The store fenced a write: another process claimed the session after
-        this one's lease lapsed (it was stalled or cut off from the store).
-        Stop here as on a hand-over: the client gets 4409 and resumes there."""
+        this one's lease lapsed (it was stalled or cut off from the store)."""
+        if self._giving_up is None and self.state != "closed":
+            self._giving_up = asyncio.create_task(self._give_up())
+
+    async def _give_up(self) -> None:
+        """Stop here as on a hand-over: the client gets 4409 and resumes where
+        the session now lives."""
         self.log.warning("session claimed by another process; closing it here")
         if self.close_connection is not None:
             self.close_connection(CloseCode.TAKEN_OVER, "session taken over elsewhere")
-        await self.stop(self.settings.op_timeout)  # its consumer has ended already
-        self._repair = None
+        await self.stop(self.settings.op_timeout)
         if self.on_closed is not None:
             self.on_closed(self)
 
@@ -352,7 +396,7 @@ class Session:
                 # queue is gone with the subscription, so start afresh.
                 self._call_off_close()
                 try:
-                    await self.recover()
+                    await self.recover(consumer)
                 except (BrokerError, StoreError) as exc:
                     self.log.warning("session not reopened: {}", exc)
                 return
@@ -364,6 +408,7 @@ class Session:
         self.state = "closed"
         if self._pump_task is not None:
             self._pump_task.cancel()
+        self._cancel_sleeping_repair()
         name, self.queue_name = self.queue_name, None
         if name is not None and self.channel is not None:
             # auto-delete removes it once the consumer is gone; make sure
@@ -384,8 +429,7 @@ class Session:
         self.state = "closed"
         if self._pump_task is not None:
             self._pump_task.cancel()
-        if self._repair is not None and self._repair is not asyncio.current_task():
-            self._repair.cancel()
+        self._cancel_sleeping_repair()
         consumer = self.consumer
         if consumer is not None:
             consumer.stop()
@@ -439,6 +483,7 @@ class Session:
         return self.unfinished.get(seq) == rid
 
     def finished(self, seq: int) -> None:
+        self._repair_delay = 0.0  # a result was stored: a later failure retries at once
         self.unfinished.pop(seq, None)
         self._cancels.pop(seq, None)
         if not self.unfinished and self._idle_waiter is not None:
@@ -557,18 +602,21 @@ class Session:
             await asyncio.sleep(GATHER)
 
     async def _accept(self, batch: list[_Pending]) -> None:
-        if self.resumed_from_store:
-            batch = await self._drop_known(batch)
-            if not batch:
-                return
-        first = self.last_seq + 1
-        records = [
-            NewRequest(first + i, p.frame.id, p.frame.op, p.args_json) for i, p in enumerate(batch)
-        ]
         try:
+            if self.resumed_from_store:
+                batch = await self._drop_known(batch)
+                if not batch:
+                    return
+            first = self.last_seq + 1
+            records = [
+                NewRequest(first + i, p.frame.id, p.frame.op, p.args_json)
+                for i, p in enumerate(batch)
+            ]
             await self.store.add_requests(self.session_id, self.epoch, records, time.time())
-        except (StoreError, Fenced) as exc:
+        except StoreError as exc:
             self.log.warning("storing {} requests failed: {}", len(batch), exc)
+            if isinstance(exc, Fenced):
+                self._lost_ownership()
             for p in batch:
                 self._refuse(ErrorCode.UNAVAILABLE, "the request could not be stored; retry",
                              p.frame.id)  # fmt: skip
@@ -630,6 +678,8 @@ class Session:
             await self._cancel(rid)
         except StoreError as exc:
             self.push(encode_error(ErrorCode.UNAVAILABLE, f"could not cancel: {exc}", rid))
+            if isinstance(exc, Fenced):
+                self._lost_ownership()
 
     async def _cancel(self, rid: str) -> None:
         seq = self._seq_of(rid)

@@ -309,6 +309,10 @@ def _unread_input(pid: int) -> int:
         os.close(fd)
 
 
+def _consumer_failures() -> float:
+    return REGISTRY.get_sample_value("sessionq_consumer_failures_total", {"cause": "error"}) or 0.0
+
+
 def _state(pid: int) -> str:
     """A process's state letter from /proc (R running, S sleeping, T stopped, ...)."""
     return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
@@ -327,6 +331,7 @@ async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
     await client.recv_until(lambda f: f["type"] == "accepted" and f["id"] == "next")
     writer = server.store.writer_pid  # type: ignore[attr-defined]
     assert writer is not None
+    failures = _consumer_failures()
     os.kill(writer, signal.SIGSTOP)
     try:
         await until(lambda: _state(writer) == "T")  # stopped, not about to read
@@ -339,6 +344,7 @@ async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
     await client.send({"type": "status"})
     status = await client.recv()
     assert (status["pending"], status["last_done"]) == (0, 2), status
+    assert _consumer_failures() == failures + 1  # the result's write, not another, failed
 
 
 async def test_a_submit_being_stored_when_its_client_leaves_is_still_run(

@@ -331,8 +331,7 @@ async def test_a_stalled_owner_whose_session_moved_closes_it_with_4409(
         await until(lambda: session_epoch(tmp_path / "sq.db", session) != epoch, 4 * UNIT, 0.05)
     finally:
         first.proc.send_signal(signal.SIGCONT)
-    code, _ = await client.closed(timeout=2 * UNIT)
-    assert code == 4409
+    assert await client.closed(timeout=2 * UNIT) == (4409, "session taken over elsewhere")
     _, finals = await resume_all(second, client.welcome, after=0, count=1)
     assert [(f["seq"], f["value"]) for f in finals] == [(1, {"attempt": 2})]
 

@@ -153,6 +153,19 @@ async def test_renew_leases_extends_every_session_of_the_owner(store: Store) -> 
     assert await store.renew_leases("nobody", 99.0) == 0
 
 
+async def test_renew_session_extends_one_lease_and_is_fenced(store: Store) -> None:
+    await store.create_session("s1", "alice", "A", lease_until=10.0)
+    await store.create_session("s2", "bob", "A", lease_until=10.0)
+    await store.renew_session("s1", 1, 99.0)
+    assert [(await session_of(store, s)).lease_until for s in ("s1", "s2")] == [99.0, 10.0]
+    assert await store.claim_session("s1", "B", lease_until=200.0, now=100.0) == 2
+    with pytest.raises(Fenced):  # another owner took it after the lease lapsed
+        await store.renew_session("s1", 1, 300.0)
+    assert (await session_of(store, "s1")).lease_until == 200.0
+    with pytest.raises(Fenced):
+        await store.renew_session("gone", 1, 300.0)
+
+
 # -- requests ------------------------------------------------------------------
 async def test_add_requests_queues_them_and_raises_last_seq(store: Store) -> None:
     sid = await new_session(store)

@@ -165,6 +165,12 @@ class Store(abc.ABC):
     async def renew_leases(self, owner: str, lease_until: float) -> int:
         """Extend the lease of every session ``owner`` holds; return how many."""
 
+    @abc.abstractmethod
+    async def renew_session(self, session_id: str, epoch: int, lease_until: float) -> None:
+        """Extend one session's lease if ``epoch`` is current: a write that
+        proves the store takes writes and that the session is still ours.
+        Raises Fenced if another owner took it since (or it is gone)."""
+
     # -- requests ------------------------------------------------------------
     @abc.abstractmethod
     async def add_requests(

@@ -246,6 +246,15 @@ class MongoStore(Store):
         )
         return result.matched_count
 
+    @translated
+    async def renew_session(self, session_id: str, epoch: int, lease_until: float) -> None:
+        result = await self._sessions.update_one(
+            {"_id": session_id, "epoch": epoch}, {"$set": {"lease_until": lease_until}}
+        )
+        if result.matched_count != 1:
+            await self._check_epoch(session_id, epoch)
+            raise Fenced(f"session {session_id}: epoch {epoch} is not current")
+
     async def _check_epoch(self, session_id: str, epoch: int) -> None:
         doc = await self._sessions.find_one({"_id": session_id}, {"epoch": True})
         current = None if doc is None else doc["epoch"]

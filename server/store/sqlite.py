@@ -304,6 +304,9 @@ class SqliteStore(Store):
         )
         return changed == 1
 
+    async def renew_session(self, session_id: str, epoch: int, lease_until: float) -> None:
+        await self._write(_renew_session, session_id, epoch, lease_until)
+
     async def renew_leases(self, owner: str, lease_until: float) -> int:
         return await self._write(
             _rowcount, "UPDATE sessions SET lease_until = ? WHERE owner = ?", (lease_until, owner)
@@ -612,6 +615,13 @@ def _check_epoch(c: sqlite3.Connection, session_id: str, epoch: int) -> None:
 # -- the writes, run by the writer process (sent by reference, with their args)
 def _rowcount(c: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
     return c.execute(sql, params).rowcount
+
+
+def _renew_session(c: sqlite3.Connection, session_id: str, epoch: int, lease_until: float) -> None:
+    sql = "UPDATE sessions SET lease_until = ? WHERE session_id = ? AND epoch = ?"
+    if c.execute(sql, (lease_until, session_id, epoch)).rowcount != 1:
+        _check_epoch(c, session_id, epoch)
+        raise Fenced(f"session {session_id}: epoch {epoch} is not current")
 
 
 def _insert_user(
