@@ -40,9 +40,14 @@ from server.auth import Authenticator
 from server.broker import Broker, BrokerError
 from server.connection import Connection, SQConnection
 from server.lifetime import end_with_parent
+from server.outbox import Outbox
 from server.session import Session
 from server.settings import Settings
 from server.store import Store, StoreError, open_store
+
+# Stored finals a resume reads per store query: a long replay is never held in
+# memory whole (the outbox paces it to the client's reading speed).
+REPLAY_PAGE = 256
 
 SECURITY_HEADERS = {
     "Content-Security-Policy": "default-src 'self'",
@@ -489,13 +494,52 @@ class Server:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 1.0)
 
+    async def _replay_finals(
+        self,
+        sid: str,
+        outbox: Outbox,
+        after: int,
+        last: int,
+        live: set[int],
+        running: bool,
+        replayed: set[int],
+    ) -> None:
+        """Send the stored finals of seqs ``after + 1 .. last`` that do not come
+        live (see replay()), reading them a page at a time; add each one sent
+        to ``replayed``."""
+        # Without a running consumer: up to the first unfinished seq with no
+        # stored final. Finals come in seq order, so the first unfinished seq
+        # passed without its final is that gap.
+        waiting = sorted(live) if not running else []
+        i = 0
+        cursor = after
+        while True:
+            page = await self.store.finals_after(sid, cursor, REPLAY_PAGE)
+            for seq, frame in page:
+                if seq > last:
+                    return
+                if not running:
+                    if i < len(waiting) and waiting[i] < seq:
+                        return  # the gap: the recovery carries the rest
+                    if i < len(waiting) and waiting[i] == seq:
+                        i += 1  # stored, not yet sent live: the replay sends it
+                elif seq in live:
+                    continue
+                if not await outbox.push_replayed(frame.encode()):
+                    return  # the client went away
+                replayed.add(seq)
+            if len(page) < REPLAY_PAGE:
+                return
+            cursor = page[-1][0]
+
     async def replay(self, session: Session, conn: Connection, after: int) -> None:
         """Answer ``resume``: ``resumed``, then every stored final with seq >
         ``after`` in order, then live frames (without duplicating a final)."""
         sid = session.session_id
-        finals = await self.store.finals_after(sid, after)
-        have = {seq for seq, _ in finals} | set(session.unfinished)
-        if any(seq not in have for seq in range(after + 1, session.last_seq + 1)):
+        # Every accepted request has a row (stored before `accepted`) until
+        # retention purges it: fewer rows than seqs means some results are gone.
+        last = session.last_seq
+        if after < last and await self.store.count_requests(sid, after, last) < last - after:
             conn.outbox.push(encode_error(
                 ErrorCode.EXPIRED, f"results of session {sid!r} have passed their retention"
             ))  # fmt: skip
@@ -529,19 +573,10 @@ class Server:
         last = session.last_seq
         replayed: set[int] = set()
         try:
-            finals = await self.store.finals_after(sid, after)
-            if not running:
-                stored = {seq for seq, _ in finals}
-                gap = min((seq for seq in live if seq not in stored), default=last + 1)
-                live = set(range(gap, last + 1))
             await outbox.push_replayed(
                 encode_resumed(sid, session.last_seq, len(session.unfinished))
             )
-            for seq, frame in finals:
-                if seq in live or seq > last:
-                    continue
-                if await outbox.push_replayed(frame.encode()):
-                    replayed.add(seq)
+            await self._replay_finals(sid, outbox, after, last, live, running, replayed)
         finally:
             # Finals the replay sent must not go out again live (a recovery
             # after the replay hands over stored finals of unfinished seqs).

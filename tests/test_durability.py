@@ -31,7 +31,7 @@ from conftest import (
 )
 from prometheus_client import REGISTRY
 
-from server.app import Server
+from server.app import REPLAY_PAGE, Server
 
 
 def assert_exactly_once(finals: list[dict[str, Any]], expected: int) -> None:
@@ -68,6 +68,29 @@ async def test_disconnect_mid_queue_then_resume(
     await again.submit("r7", "echo", {"n": 7})
     frames = await again.finals(1)
     assert [(f["type"], f["seq"]) for f in frames] == [("accepted", 7), ("result", 7)]
+
+
+async def test_a_long_replay_comes_whole_and_in_order(
+    server: Server, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    """A replay longer than the page the server reads at a time (REPLAY_PAGE):
+    every final, once, in seq order, from wherever the client asks."""
+    count = 2 * REPLAY_PAGE + 88
+    client = await user_client()
+    session, token = client.welcome["session"], client.welcome["token"]
+    for i in range(1, count + 1):
+        await client.submit(f"r{i}", "echo", {"i": i})
+    assert len(finals_of(await client.finals(count, timeout=4 * UNIT))) == count
+    await client.close()
+    for after in (0, REPLAY_PAGE + 1):
+        again = await connect(path=f"/ws?token={token}")
+        assert (await again.recv())["type"] == "welcome"
+        resumed = await resume(again, session, after=after)
+        assert (resumed["last_seq"], resumed["pending"]) == (count, 0)
+        finals = finals_of(await again.finals(count - after, timeout=2 * UNIT))
+        assert [f["seq"] for f in finals] == list(range(after + 1, count + 1))
+        assert [f["value"]["i"] for f in finals] == list(range(after + 1, count + 1))
+        await again.close()
 
 
 async def test_resume_after_a_cancelled_queued_request_keeps_seq_order(

@@ -307,6 +307,22 @@ async def test_unfinished_and_finals_after_are_in_seq_order(store: Store) -> Non
     assert await store.finals_after(sid, 0) == [(1, '"f1"'), (2, '"f2"'), (4, '"f4"')]
     assert await store.finals_after(sid, 2) == [(4, '"f4"')]
     assert await store.finals_after("other", 0) == []
+    # A page at a time, as a replay reads them.
+    assert await store.finals_after(sid, 0, limit=2) == [(1, '"f1"'), (2, '"f2"')]
+    assert await store.finals_after(sid, 2, limit=2) == [(4, '"f4"')]
+    assert await store.finals_after(sid, 4, limit=2) == []
+
+
+async def test_count_requests_counts_every_state_in_the_range(store: Store) -> None:
+    sid = await new_session(store)
+    await store.add_requests(sid, 1, reqs(1, 2, 3, 4, 5), now=0.0)
+    await store.finish_request(sid, 2, 1, '"f2"', False, now=1.0)
+    assert await store.count_requests(sid, 0, 5) == 5
+    assert await store.count_requests(sid, 1, 3) == 2
+    assert await store.count_requests(sid, 5, 9) == 0
+    await store.finish_request(sid, 1, 1, '"f1"', False, now=1.0)
+    assert await store.purge(finished_before=2.0) == 2  # seqs 1 and 2 passed retention
+    assert await store.count_requests(sid, 0, 5) == 3
 
 
 async def test_last_done_stops_at_the_first_unfinished(store: Store) -> None:

@@ -249,8 +249,18 @@ class Store(abc.ABC):
         """Requests not DONE, in seq order."""
 
     @abc.abstractmethod
-    async def finals_after(self, session_id: str, after: int) -> list[tuple[int, str]]:
-        """(seq, final frame) of DONE requests with seq > after, in seq order."""
+    async def finals_after(
+        self, session_id: str, after: int, limit: int | None = None
+    ) -> list[tuple[int, str]]:
+        """(seq, final frame) of DONE requests with seq > after, in seq order;
+        the first ``limit`` of them if given (a page: a replay reads these
+        page by page, so a long one is never held in memory whole)."""
+
+    @abc.abstractmethod
+    async def count_requests(self, session_id: str, after: int, through: int) -> int:
+        """How many requests, of any state, the store holds with
+        ``after < seq <= through`` (fewer than ``through - after``: some
+        were purged by retention)."""
 
     @abc.abstractmethod
     async def session_counts(self, session_id: str) -> SessionCounts: ...

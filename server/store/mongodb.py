@@ -403,12 +403,22 @@ class MongoStore(Store):
         return [_request(doc) for doc in await cursor.to_list()]
 
     @translated
-    async def finals_after(self, session_id: str, after: int) -> list[tuple[int, str]]:
+    async def finals_after(
+        self, session_id: str, after: int, limit: int | None = None
+    ) -> list[tuple[int, str]]:
         cursor = self._requests.find(
             {"session_id": session_id, "state": DONE, "seq": {"$gt": after}},
             {"seq": True, "final": True},
         ).sort("seq")
+        if limit is not None:
+            cursor = cursor.limit(limit)
         return [(doc["seq"], doc["final"]) for doc in await cursor.to_list()]
+
+    @translated
+    async def count_requests(self, session_id: str, after: int, through: int) -> int:
+        return await self._requests.count_documents(
+            {"session_id": session_id, "seq": {"$gt": after, "$lte": through}}
+        )
 
     @translated
     async def session_counts(self, session_id: str) -> SessionCounts:

@@ -403,15 +403,27 @@ class SqliteStore(Store):
         )
         return [_request(row) for row in rows]
 
-    async def finals_after(self, session_id: str, after: int) -> list[tuple[int, str]]:
+    async def finals_after(
+        self, session_id: str, after: int, limit: int | None = None
+    ) -> list[tuple[int, str]]:
         rows = await self._read(
             lambda c: c.execute(
                 "SELECT seq, final FROM requests"
-                " WHERE session_id = ? AND seq > ? AND state = 'done' ORDER BY seq",
-                (session_id, after),
+                " WHERE session_id = ? AND seq > ? AND state = 'done' ORDER BY seq LIMIT ?",
+                (session_id, after, -1 if limit is None else limit),
             ).fetchall()
         )
         return [(seq, final) for seq, final in rows]
+
+    async def count_requests(self, session_id: str, after: int, through: int) -> int:
+        row = await self._read(
+            lambda c: _one(
+                c,
+                "SELECT count(*) FROM requests WHERE session_id = ? AND seq > ? AND seq <= ?",
+                (session_id, after, through),
+            )
+        )
+        return int(row[0])
 
     async def session_counts(self, session_id: str) -> SessionCounts:
         # One statement, so one snapshot even while other processes commit.
