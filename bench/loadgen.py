@@ -357,6 +357,7 @@ class WsJsonSession:
             open_timeout=open_timeout,
             ping_interval=None,  # runs last seconds; keep the client's own work minimal
             max_queue=None,
+            proxy=None,  # loopback: no proxy lookup per connection
         )
         return cls(ws)
 

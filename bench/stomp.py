@@ -80,6 +80,7 @@ class StompSession:
             open_timeout=timeout,
             ping_interval=None,
             max_queue=None,
+            proxy=None,  # loopback: no proxy lookup per connection
         )
         try:
             await ws.send(

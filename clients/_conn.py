@@ -23,7 +23,7 @@ import os
 import socket
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import orjson
@@ -143,9 +143,11 @@ async def open_connection(
     *,
     open_timeout: float = 10.0,
     ping_interval: float | None = 20.0,
+    proxy: str | Literal[True] | None = True,
 ) -> ClientConnection:
     """A WebSocket to ``url``; with ``token``, authenticated in the handshake
-    (``Authorization: Bearer``), so the server's first frame is ``welcome``."""
+    (``Authorization: Bearer``), so the server's first frame is ``welcome``.
+    ``proxy``: as websockets' (True: from the environment, None: direct)."""
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return await connect(
@@ -156,6 +158,7 @@ async def open_connection(
             open_timeout=open_timeout,
             close_timeout=2,
             ping_interval=ping_interval,
+            proxy=proxy,
         )
     except (OSError, TimeoutError, InvalidHandshake) as exc:
         raise ConnectFailed(f"cannot connect to {url}: {exc or type(exc).__name__}") from exc
