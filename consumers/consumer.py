@@ -194,6 +194,9 @@ class SessionConsumer:
         self._channel = channel
         ok = await channel.basic_consume(queue, self._deliver)
         self._tag = ok.consumer_tag
+        if self._ending is not None and self._ending.done():
+            # Stopped while subscribing: the end ran with no tag to cancel.
+            await self._unsubscribe()
 
     def stop(self) -> None:
         """Finish the running request, start nothing more, then end (see

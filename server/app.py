@@ -572,11 +572,13 @@ class Server:
         live = set(session.unfinished)
         last = session.last_seq
         replayed: set[int] = set()
+        whole = False
         try:
             await outbox.push_replayed(
                 encode_resumed(sid, session.last_seq, len(session.unfinished))
             )
             await self._replay_finals(sid, outbox, after, last, live, running, replayed)
+            whole = True
         finally:
             # Finals the replay sent must not go out again live (a recovery
             # after the replay hands over stored finals of unfinished seqs).
@@ -585,8 +587,11 @@ class Server:
             def keep(frame: bytes) -> bool:
                 data = decode_json(frame)
                 seq = data.get("seq")
-                return not (
-                    isinstance(seq, int) and seq in replayed and data.get("type") != "accepted"
-                )
+                if not isinstance(seq, int) or data.get("type") == "accepted":
+                    return True
+                # A replay cut short (the store failed mid-way; the connection
+                # then closes with 1011) sends no held final: a client that
+                # resumes after the highest final it saw must not skip any.
+                return whole and seq not in replayed
 
             outbox.release(keep)

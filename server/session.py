@@ -127,6 +127,7 @@ class Session:
         self._recover_lock = asyncio.Lock()
         self._repair: asyncio.Task[None] | None = None  # after a consumer failed
         self._failed: SessionConsumer | None = None  # ... the newest such consumer
+        self._repair_due = False
         self._repair_delay = 0.0  # ... before its next try (0 after a stored result)
         self._repair_sleeping = False
         self._giving_up: asyncio.Task[None] | None = None
@@ -235,20 +236,27 @@ class Session:
             await self.broker.delete_queue(channel, name)
             raise BrokerError(f"consume failed: {exc!r}") from exc
 
-    async def recover(self, failed: SessionConsumer | None = None) -> None:
+    async def recover(self, failed: SessionConsumer | None = None, *, repair: bool = False) -> None:
         """After a lost channel/connection: wait for the old consumer to end its
         running request, then re-publish every unfinished request from the
         store into a fresh queue. Called by the manager on broker reconnect,
-        and (``failed`` given) after that consumer ended on an error, unless
-        the session has been recovered since."""
-        async with self._recover_lock:
-            if failed is not None and self.consumer not in (failed, None):
-                return
-            await self._recover()
-        # A close held back while the queue was reopened (see _begin_close):
-        # its client left and nothing is left to run.
-        if self.state == "draining" and self._idle():
-            self._begin_close()
+        by a close that a resume called off, and by the repair loop
+        (``repair``: only if the session still runs ``failed``, or nothing).
+        A recovery that fails leaves the rest to the repair loop."""
+        try:
+            async with self._recover_lock:
+                if repair and self.consumer not in (failed, None):
+                    return  # recovered meanwhile
+                await self._recover()
+        except (StoreError, BrokerError):
+            if not repair:
+                self._schedule_repair(self.consumer)
+            raise
+        finally:
+            # A close held back while the queue was reopened (see _begin_close):
+            # its client left and nothing is left to run.
+            if self.state == "draining" and self._idle():
+                self._begin_close()
 
     async def _recover(self) -> None:
         if self.state == "closed":
@@ -260,6 +268,15 @@ class Session:
             if self.state == "closed":
                 return  # closed while its consumer stopped: nothing to recover
         self.consumer = None
+        # A fenced write first. It proves that the store takes writes, and that
+        # no other process adopted the session while this one could not renew
+        # its lease (a stall, a store outage): that one runs these requests.
+        lease_until = time.time() + self.settings.lease_seconds
+        try:
+            await self.store.renew_session(self.session_id, self.epoch, lease_until)
+        except Fenced:
+            self._lost_ownership()
+            return
         todo = await self._stored_work(through=self.accepted_through)
         self.unfinished = {item[0]: item[1] for item in todo}
         self.replayed_finals &= self.unfinished.keys()
@@ -279,8 +296,16 @@ class Session:
         metrics.consumer_failures.labels("fenced" if fenced else "error").inc()
         if fenced:
             self._lost_ownership()
+        else:
+            self._schedule_repair(consumer)
+
+    def _schedule_repair(self, failed: SessionConsumer | None) -> None:
+        """Have the repair loop recover the session (``failed``: the consumer
+        that ended on an error, or None after a recovery that failed)."""
+        if self.state == "closed":
             return
-        self._failed = consumer  # the newest one: a repair under way picks it up
+        self._failed = failed  # the newest: a repair under way picks it up
+        self._repair_due = True
         if self._repair is None:
             self._repair = asyncio.create_task(self._repair_session())
 
@@ -294,7 +319,7 @@ class Session:
         broker reconnect recovers the session as well; whichever comes first
         does it."""
         try:
-            while self._failed is not None and self.state != "closed":
+            while self._repair_due and self.state != "closed":
                 delay = self._repair_delay
                 if delay:
                     self._repair_sleeping = True  # only now may a close cancel us
@@ -303,21 +328,13 @@ class Session:
                     finally:
                         self._repair_sleeping = False
                 self._repair_delay = min(max(REPAIR_FIRST_DELAY, delay * 2), REPAIR_MAX_DELAY)
-                failed, self._failed = self._failed, None
+                self._repair_due = False
                 try:
-                    # A fenced write first. It proves that the store takes writes,
-                    # and that no other process adopted the session while this one
-                    # could not renew its lease: that one would be running the same
-                    # requests.
-                    lease_until = time.time() + self.settings.lease_seconds
-                    await self.store.renew_session(self.session_id, self.epoch, lease_until)
-                    await self.recover(failed)
-                except Fenced:
-                    self._lost_ownership()
-                    return
+                    await self.recover(self._failed, repair=True)
                 except (StoreError, BrokerError) as exc:
-                    if self._failed is None:
-                        self._failed = failed
+                    if not self._repair_due:  # no newer failure: try this one again
+                        self._failed = self.consumer
+                        self._repair_due = True
                     self.log.warning("session not recovered yet: {}", exc)
         finally:
             self._repair = None
@@ -629,9 +646,12 @@ class Session:
         except BrokerError as exc:
             full = isinstance(exc, QueueFull)
             try:
-                await self.store.remove_requests(self.session_id, [r.seq for r in records])
-            except StoreError:
+                seqs = [r.seq for r in records]
+                await self.store.remove_requests(self.session_id, self.epoch, seqs)
+            except StoreError as exc:
                 self.log.warning("could not forget refused requests {}..{}", first, records[-1].seq)
+                if isinstance(exc, Fenced):
+                    self._lost_ownership()
             code = ErrorCode.QUEUE_FULL if full else ErrorCode.UNAVAILABLE
             message = "the session's queue is full" if full else "the broker is unreachable; retry"
             for p in batch:

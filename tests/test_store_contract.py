@@ -210,12 +210,17 @@ async def test_remove_requests_lowers_last_seq(store: Store) -> None:
     sid = await new_session(store)
     await store.add_requests(sid, 1, reqs(1, 2, 3, 4), now=0.0)
     await store.start_request(sid, 1, 1)
-    await store.remove_requests(sid, [3, 4])
+    await store.remove_requests(sid, 1, [3, 4])
     assert [r.seq for r in await store.unfinished(sid)] == [1, 2]
     assert (await session_of(store, sid)).last_seq == 2
-    await store.remove_requests(sid, [1])  # running: not removed
+    await store.remove_requests(sid, 1, [1])  # running: not removed
     assert (await store.get_request(sid, 1)) is not None
     assert (await session_of(store, sid)).last_seq == 2
+    # From an owner whose epoch passed: its successor may be running them.
+    assert await store.claim_session(sid, "B", lease_until=2 * FAR, now=FAR + 1) == 2
+    with pytest.raises(Fenced):
+        await store.remove_requests(sid, 1, [2])
+    assert [r.seq for r in await store.unfinished(sid)] == [1, 2]
 
 
 async def test_remove_after_purge_does_not_reuse_purged_seqs(store: Store) -> None:
@@ -225,7 +230,7 @@ async def test_remove_after_purge_does_not_reuse_purged_seqs(store: Store) -> No
         await store.finish_request(sid, seq, 1, "{}", False, now=1.0)
     await store.purge(finished_before=2.0)
     await store.add_requests(sid, 1, reqs(3), now=3.0)
-    await store.remove_requests(sid, [3])
+    await store.remove_requests(sid, 1, [3])
     assert (await session_of(store, sid)).last_seq == 2
 
 

@@ -182,10 +182,12 @@ class Store(abc.ABC):
         or client id is already in the session."""
 
     @abc.abstractmethod
-    async def remove_requests(self, session_id: str, seqs: Sequence[int]) -> None:
+    async def remove_requests(self, session_id: str, epoch: int, seqs: Sequence[int]) -> None:
         """Forget QUEUED requests that were never accepted (their publish
         failed); lower last_seq back to the highest remaining seq (never below
-        the lowest seq given minus one, so seqs of purged requests are not reused)."""
+        the lowest seq given minus one, so seqs of purged requests are not reused).
+        Raises Fenced, removing nothing, if ``epoch`` is not current: the
+        session's new owner may already run those requests."""
 
     @abc.abstractmethod
     async def start_request(self, session_id: str, seq: int, epoch: int) -> int:
@@ -253,7 +255,7 @@ class Store(abc.ABC):
         self, session_id: str, after: int, limit: int | None = None
     ) -> list[tuple[int, str]]:
         """(seq, final frame) of DONE requests with seq > after, in seq order;
-        the first ``limit`` of them if given (a page: a replay reads these
+        the first ``limit`` (at least 1) of them if given (a page: a replay reads these
         page by page, so a long one is never held in memory whole)."""
 
     @abc.abstractmethod

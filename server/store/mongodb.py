@@ -323,9 +323,10 @@ class MongoStore(Store):
             raise
 
     @translated
-    async def remove_requests(self, session_id: str, seqs: Sequence[int]) -> None:
+    async def remove_requests(self, session_id: str, epoch: int, seqs: Sequence[int]) -> None:
         if not seqs:
             return
+        await self._check_epoch(session_id, epoch)
         await self._requests.delete_many(
             {
                 "session_id": session_id,

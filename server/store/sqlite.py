@@ -321,9 +321,9 @@ class SqliteStore(Store):
         rows = [(r.seq, r.client_id, r.op, r.args) for r in requests]
         await self._write(_add_requests, session_id, epoch, rows, now)
 
-    async def remove_requests(self, session_id: str, seqs: Sequence[int]) -> None:
+    async def remove_requests(self, session_id: str, epoch: int, seqs: Sequence[int]) -> None:
         if seqs:
-            await self._write(_remove_requests, session_id, list(seqs))
+            await self._write(_remove_requests, session_id, epoch, list(seqs))
 
     async def start_request(self, session_id: str, seq: int, epoch: int) -> int:
         return await self._write(_start_request, session_id, seq, epoch)
@@ -698,7 +698,10 @@ def _add_requests(
     )
 
 
-def _remove_requests(c: sqlite3.Connection, session_id: str, seqs: Sequence[int]) -> None:
+def _remove_requests(
+    c: sqlite3.Connection, session_id: str, epoch: int, seqs: Sequence[int]
+) -> None:
+    _check_epoch(c, session_id, epoch)
     c.executemany(
         "DELETE FROM requests WHERE session_id = ? AND seq = ? AND state = 'queued'",
         [(session_id, seq) for seq in seqs],
