@@ -370,6 +370,41 @@ async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
     assert _consumer_failures() == failures + 1  # the result's write, not another, failed
 
 
+async def test_a_recovery_the_store_failed_is_tried_again(
+    server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    """The broker comes back, and the session's recovery meets a store that
+    fails (its writer dies under the recovery's first write). The session
+    tries again by itself instead of waiting for the next broker reconnect:
+    the request queued through the outage runs, once, in order."""
+    server = await server_factory(lease_seconds=60)  # no lease renewal in the pipe
+    client = await user_client(target=server)
+    await client.submit("a", "sleep", {"seconds": 2})
+    await client.submit("b", "echo", {"n": 2})
+    frames = await client.recv_until(lambda f: f.get("id") == "b" and f["type"] == "accepted")
+    await asyncio.to_thread(rabbitmqctl, "stop_app")
+    try:
+        async with asyncio.timeout(UNIT):
+            await server.broker._lost.wait()
+        # "a" was running: it finishes and is sent; "b" waits for the queue.
+        frames += await client.recv_until(lambda f: f.get("id") == "a" and "seq" in f, 2 * UNIT)
+        assert not finals_of([f for f in frames if f.get("id") == "b"])
+        writer = server.store.writer_pid  # type: ignore[attr-defined]
+        assert writer is not None
+        os.kill(writer, signal.SIGSTOP)
+        await until(lambda: _state(writer) == "T")
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "start_app")
+    try:  # the recovery's first write (the fenced lease renewal) waits in the pipe
+        await until(lambda: _unread_input(writer) > 0, 6 * UNIT)
+    finally:
+        os.kill(writer, signal.SIGKILL)
+    frames += await client.finals(1, timeout=4 * UNIT)
+    finals = finals_of(frames)
+    assert_exactly_once(finals, 2)
+    assert [f["id"] for f in finals] == ["a", "b"]
+
+
 async def test_a_submit_being_stored_when_its_client_leaves_is_still_run(
     server: Server, user_client: ClientFactory, connect: ClientFactory
 ) -> None:
