@@ -117,6 +117,7 @@ class Session:
         self._last_batch = 0
         self._cancels: dict[int, asyncio.Future[bytes]] = {}
         self._submit_times: list[float] = []
+        self._unremoved: list[int] = []  # seqs of refused requests still in the store
 
         self.channel: RawChannel | None = None
         self.queue_name: str | None = None
@@ -620,6 +621,11 @@ class Session:
 
     async def _accept(self, batch: list[_Pending]) -> None:
         try:
+            if self._unremoved:
+                # A refused publish left its requests in the store (their
+                # removal failed too): their seqs are about to be reused.
+                await self.store.remove_requests(self.session_id, self.epoch, self._unremoved)
+                self._unremoved = []
             if self.resumed_from_store:
                 batch = await self._drop_known(batch)
                 if not batch:
@@ -652,6 +658,8 @@ class Session:
                 self.log.warning("could not forget refused requests {}..{}", first, records[-1].seq)
                 if isinstance(exc, Fenced):
                     self._lost_ownership()
+                else:
+                    self._unremoved = seqs  # forgotten before the next batch is stored
             code = ErrorCode.QUEUE_FULL if full else ErrorCode.UNAVAILABLE
             message = "the session's queue is full" if full else "the broker is unreachable; retry"
             for p in batch:

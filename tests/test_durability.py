@@ -12,6 +12,7 @@ import fcntl
 import os
 import shutil
 import signal
+import sqlite3
 import struct
 import subprocess
 import termios
@@ -403,6 +404,45 @@ async def test_a_recovery_the_store_failed_is_tried_again(
     finals = finals_of(frames)
     assert_exactly_once(finals, 2)
     assert [f["id"] for f in finals] == ["a", "b"]
+
+
+async def test_a_refused_batch_the_store_could_not_forget_does_not_block_the_session(
+    tmp_path: Path, server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    """A publish fails (the broker holds every publisher back: a memory alarm),
+    and the store then fails to forget the request it had stored for it. The
+    client got `unavailable`; its next submit is accepted as soon as the store
+    answers (before, the session reused the leftover request's seq, and every
+    later submit was refused), and the refused request never runs."""
+    server = await server_factory(publish_timeout=1, lease_seconds=60)
+    client = await user_client(target=server)
+    writer = server.store.writer_pid  # type: ignore[attr-defined]
+    assert writer is not None
+
+    def stored(rid: str) -> bool:
+        with contextlib.closing(sqlite3.connect(tmp_path / "sq.db")) as c:
+            return bool(c.execute("SELECT 1 FROM requests WHERE client_id = ?", (rid,)).fetchall())
+
+    await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", "0")
+    try:
+        await client.submit("x", "echo", {"n": 1})
+        await until(lambda: stored("x"))  # stored; its publish is held back
+        os.kill(writer, signal.SIGSTOP)
+        await until(lambda: _state(writer) == "T")
+        try:  # the publish times out; the removal waits in the pipe
+            await until(lambda: _unread_input(writer) > 0, 2 * UNIT)
+        finally:
+            os.kill(writer, signal.SIGKILL)
+        refusal = await client.recv_until(lambda f: f.get("id") == "x")
+        assert (refusal[-1]["type"], refusal[-1]["code"]) == ("error", "unavailable")
+    finally:
+        await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", "0.4")
+    await client.submit("y", "echo", {"n": 2})
+    frames = await client.finals(1, timeout=2 * UNIT)
+    assert [(f["type"], f["id"], f["seq"]) for f in frames] == [
+        ("accepted", "y", 1), ("result", "y", 1)
+    ]  # fmt: skip
+    assert not stored("x")
 
 
 async def test_a_submit_being_stored_when_its_client_leaves_is_still_run(
