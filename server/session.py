@@ -432,6 +432,8 @@ class Session:
             # auto-delete removes it once the consumer is gone; make sure
             await self.broker.delete_queue(self.channel, name)
         try:
+            if self._unremoved:  # or an orphan sweep would run refused requests
+                await self.store.remove_requests(self.session_id, self.epoch, self._unremoved)
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError as exc:
             self.log.warning("could not release session: {}", exc)
