@@ -423,6 +423,11 @@ async def test_a_refused_batch_the_store_could_not_forget_does_not_block_the_ses
         with contextlib.closing(sqlite3.connect(tmp_path / "sq.db")) as c:
             return bool(c.execute("SELECT 1 FROM requests WHERE client_id = ?", (rid,)).fetchall())
 
+    # 0.4, or {absolute,Bytes}: set back as it was
+    current = await asyncio.to_thread(
+        rabbitmqctl, "eval", "vm_memory_monitor:get_vm_memory_high_watermark()."
+    )
+    watermark = current.strip().strip("{}").replace("absolute,", "absolute ").split()
     await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", "0")
     try:
         await client.submit("x", "echo", {"n": 1})
@@ -436,7 +441,7 @@ async def test_a_refused_batch_the_store_could_not_forget_does_not_block_the_ses
         refusal = await client.recv_until(lambda f: f.get("id") == "x")
         assert (refusal[-1]["type"], refusal[-1]["code"]) == ("error", "unavailable")
     finally:
-        await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", "0.4")
+        await asyncio.to_thread(rabbitmqctl, "set_vm_memory_high_watermark", *watermark)
     await client.submit("y", "echo", {"n": 2})
     frames = await client.finals(1, timeout=2 * UNIT)
     assert [(f["type"], f["id"], f["seq"]) for f in frames] == [
