@@ -431,9 +431,8 @@ class Session:
         if name is not None and self.channel is not None:
             # auto-delete removes it once the consumer is gone; make sure
             await self.broker.delete_queue(self.channel, name)
+        await self._forget_refused()
         try:
-            if self._unremoved:  # or an orphan sweep would run refused requests
-                await self.store.remove_requests(self.session_id, self.epoch, self._unremoved)
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError as exc:
             self.log.warning("could not release session: {}", exc)
@@ -458,11 +457,23 @@ class Session:
             except TimeoutError:
                 consumer.abort()
                 await consumer.wait_ended()
+        await self._forget_refused()
         try:
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError:
             pass
         self._close_settled.set()
+
+    async def _forget_refused(self) -> None:
+        """Before the session is released: remove requests a refused publish
+        left in the store, or their next owner would run them. Best effort:
+        if the store fails again, they may run there, as after a crash."""
+        if self._unremoved:
+            try:
+                await self.store.remove_requests(self.session_id, self.epoch, self._unremoved)
+                self._unremoved = []
+            except StoreError as exc:
+                self.log.warning("could not forget refused requests {}: {}", self._unremoved, exc)
 
     async def wait_close_settled(self) -> None:
         """Wait until a closing session has either released its ownership or
@@ -622,6 +633,7 @@ class Session:
             await asyncio.sleep(GATHER)
 
     async def _accept(self, batch: list[_Pending]) -> None:
+        records: list[NewRequest] = []
         try:
             if self._unremoved:
                 # A refused publish left its requests in the store (their
@@ -642,6 +654,11 @@ class Session:
             self.log.warning("storing {} requests failed: {}", len(batch), exc)
             if isinstance(exc, Fenced):
                 self._lost_ownership()
+            elif records:
+                # The write may have committed with its answer lost (the
+                # writer died after the commit): forget them before their
+                # seqs are reused. Harmless if nothing was stored.
+                self._unremoved = [r.seq for r in records]
             for p in batch:
                 self._refuse(ErrorCode.UNAVAILABLE, "the request could not be stored; retry",
                              p.frame.id)  # fmt: skip
