@@ -241,12 +241,8 @@ class Server:
         task.add_done_callback(self._tasks.remove)
 
     async def _hand_over(self, session: Session) -> None:
-        """Finish the running request, start nothing more, close the socket
-        that carried the session with 4409 and release ownership."""
-        if session.close_connection is not None:
-            session.close_connection(CloseCode.TAKEN_OVER, "session resumed elsewhere")
-        await session.stop(self.settings.op_timeout)
-        self._session_closed(session)
+        """Another process claims the session for a resume: let it go."""
+        await session.hand_over("session resumed elsewhere")  # on_closed drops it here
         logger.bind(session=session.session_id).info("session handed over")
 
     async def _recover_sessions(self) -> None:

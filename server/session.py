@@ -354,11 +354,15 @@ class Session:
             self._giving_up = asyncio.create_task(self._give_up())
 
     async def _give_up(self) -> None:
-        """Stop here as on a hand-over: the client gets 4409 and resumes where
-        the session now lives."""
         self.log.warning("session claimed by another process; closing it here")
+        await self.hand_over("session taken over elsewhere")
+
+    async def hand_over(self, reason: str) -> None:
+        """The session lives on in another process: close the socket that
+        carried it with 4409 (``reason``), finish the running request, start
+        nothing more, release ownership and leave this process."""
         if self.close_connection is not None:
-            self.close_connection(CloseCode.TAKEN_OVER, "session taken over elsewhere")
+            self.close_connection(CloseCode.TAKEN_OVER, reason)
         await self.stop(self.settings.op_timeout)
         if self.on_closed is not None:
             self.on_closed(self)
@@ -464,16 +468,23 @@ class Session:
             pass
         self._close_settled.set()
 
+    async def _remove_refused(self) -> None:
+        """Remove the requests of refused batches from the store (their seqs
+        are reused, and a next owner would run them); raises StoreError."""
+        await self.store.remove_requests(self.session_id, self.epoch, self._unremoved)
+        self._unremoved = []
+
     async def _forget_refused(self) -> None:
-        """Before the session is released: remove requests a refused publish
-        left in the store, or their next owner would run them. Best effort:
-        if the store fails again, they may run there, as after a crash."""
-        if self._unremoved:
-            try:
-                await self.store.remove_requests(self.session_id, self.epoch, self._unremoved)
-                self._unremoved = []
-            except StoreError as exc:
-                self.log.warning("could not forget refused requests {}: {}", self._unremoved, exc)
+        """:meth:`_remove_refused`, best effort: if the store fails, the next
+        batch (or the release) tries again; a fenced one gives the session up."""
+        if not self._unremoved:
+            return
+        try:
+            await self._remove_refused()
+        except StoreError as exc:
+            self.log.warning("could not forget refused requests {}: {}", self._unremoved, exc)
+            if isinstance(exc, Fenced):
+                self._lost_ownership()
 
     async def wait_close_settled(self) -> None:
         """Wait until a closing session has either released its ownership or
@@ -635,11 +646,8 @@ class Session:
     async def _accept(self, batch: list[_Pending]) -> None:
         records: list[NewRequest] = []
         try:
-            if self._unremoved:
-                # A refused publish left its requests in the store (their
-                # removal failed too): their seqs are about to be reused.
-                await self.store.remove_requests(self.session_id, self.epoch, self._unremoved)
-                self._unremoved = []
+            if self._unremoved:  # their seqs are about to be reused
+                await self._remove_refused()
             if self.resumed_from_store:
                 batch = await self._drop_known(batch)
                 if not batch:
@@ -670,15 +678,8 @@ class Session:
             await self.broker.publish(self.channel, self.queue_name, body)
         except BrokerError as exc:
             full = isinstance(exc, QueueFull)
-            try:
-                seqs = [r.seq for r in records]
-                await self.store.remove_requests(self.session_id, self.epoch, seqs)
-            except StoreError as exc:
-                self.log.warning("could not forget refused requests {}..{}", first, records[-1].seq)
-                if isinstance(exc, Fenced):
-                    self._lost_ownership()
-                else:
-                    self._unremoved = seqs  # forgotten before the next batch is stored
+            self._unremoved = [r.seq for r in records]
+            await self._forget_refused()
             code = ErrorCode.QUEUE_FULL if full else ErrorCode.UNAVAILABLE
             message = "the session's queue is full" if full else "the broker is unreachable; retry"
             for p in batch:
