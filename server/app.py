@@ -203,8 +203,9 @@ class Server:
         record = await self.store.get_session(session_id)
         if epoch is None or record is None:
             return  # another process got there first
-        session = self._make_session(session_id, record.username, epoch, record.last_seq)
-        session.state = "draining"
+        session = self._make_session(
+            session_id, record.username, epoch, record.last_seq, attached=False
+        )
         work = await session.take_up()
         if not session.unfinished:
             session.detach(None)
@@ -363,14 +364,16 @@ class Server:
         if self.user_connections[key] <= 0:
             del self.user_connections[key]
 
-    def _make_session(self, session_id: str, username: str, epoch: int, last_seq: int) -> Session:
+    def _make_session(
+        self, session_id: str, username: str, epoch: int, last_seq: int, *, attached: bool = True
+    ) -> Session:
         careful = session_id in self._crashed_owner
         self._crashed_owner.discard(session_id)
         session = Session(
             session_id, username, epoch,
             settings=self.settings, store=self.store, broker=self.broker,
             registry=self.registry, cpu_pool=self.cpu_pool, owner=self.owner,
-            last_seq=last_seq, on_closed=self._session_closed,
+            last_seq=last_seq, attached=attached, on_closed=self._session_closed,
         )  # fmt: skip
         session.careful = careful
         self.sessions[session_id] = session

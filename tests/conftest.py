@@ -196,3 +196,21 @@ def rabbitmqctl(*args: str) -> str:
     return subprocess.run(
         ["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True, timeout=60
     ).stdout
+
+
+def unread_input(pid: int) -> int:
+    """Bytes written to process ``pid``'s stdin pipe that it has not read."""
+    import fcntl
+    import struct
+    import termios
+
+    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
+    finally:
+        os.close(fd)
+
+
+def process_state(pid: int) -> str:
+    """A process's state letter from /proc (R running, S sleeping, T stopped, ...)."""
+    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]

@@ -8,14 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import os
 import shutil
 import signal
 import sqlite3
-import struct
 import subprocess
-import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -27,7 +24,9 @@ from conftest import (
     ClientFactory,
     ServerFactory,
     finals_of,
+    process_state,
     rabbitmqctl,
+    unread_input,
     until,
 )
 from prometheus_client import REGISTRY
@@ -324,22 +323,8 @@ async def test_store_write_failure_refuses_instead_of_accepting(
         await asyncio.to_thread(subprocess.run, ["umount", "-l", str(disk)], check=False)
 
 
-def _unread_input(pid: int) -> int:
-    """Bytes written to process ``pid``'s stdin pipe that it has not read."""
-    fd = os.open(f"/proc/{pid}/fd/0", os.O_RDONLY | os.O_NONBLOCK)
-    try:
-        return int(struct.unpack("i", fcntl.ioctl(fd, termios.FIONREAD, b"\0" * 4))[0])
-    finally:
-        os.close(fd)
-
-
 def _consumer_failures() -> float:
     return REGISTRY.get_sample_value("sessionq_consumer_failures_total", {"cause": "error"}) or 0.0
-
-
-def _state(pid: int) -> str:
-    """A process's state letter from /proc (R running, S sleeping, T stopped, ...)."""
-    return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0]
 
 
 async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
@@ -358,8 +343,8 @@ async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
     failures = _consumer_failures()
     os.kill(writer, signal.SIGSTOP)
     try:
-        await until(lambda: _state(writer) == "T")  # stopped, not about to read
-        await until(lambda: _unread_input(writer) > 0)  # "slow" finished: its result waits
+        await until(lambda: process_state(writer) == "T")  # stopped, not about to read
+        await until(lambda: unread_input(writer) > 0)  # "slow" finished: its result waits
     finally:
         os.kill(writer, signal.SIGKILL)
     finals = finals_of(await client.finals(2, timeout=2 * UNIT))
@@ -393,11 +378,11 @@ async def test_a_recovery_the_store_failed_is_tried_again(
         writer = server.store.writer_pid  # type: ignore[attr-defined]
         assert writer is not None
         os.kill(writer, signal.SIGSTOP)
-        await until(lambda: _state(writer) == "T")
+        await until(lambda: process_state(writer) == "T")
     finally:
         await asyncio.to_thread(rabbitmqctl, "start_app")
     try:  # the recovery's first write (the fenced lease renewal) waits in the pipe
-        await until(lambda: _unread_input(writer) > 0, 6 * UNIT)
+        await until(lambda: unread_input(writer) > 0, 6 * UNIT)
     finally:
         os.kill(writer, signal.SIGKILL)
     frames += await client.finals(1, timeout=4 * UNIT)
@@ -433,9 +418,9 @@ async def test_a_refused_batch_the_store_could_not_forget_does_not_block_the_ses
         await client.submit("x", "echo", {"n": 1})
         await until(lambda: stored("x"))  # stored; its publish is held back
         os.kill(writer, signal.SIGSTOP)
-        await until(lambda: _state(writer) == "T")
+        await until(lambda: process_state(writer) == "T")
         try:  # the publish times out; the removal waits in the pipe
-            await until(lambda: _unread_input(writer) > 0, 2 * UNIT)
+            await until(lambda: unread_input(writer) > 0, 2 * UNIT)
         finally:
             os.kill(writer, signal.SIGKILL)
         refusal = await client.recv_until(lambda f: f.get("id") == "x")
@@ -467,9 +452,9 @@ async def test_a_submit_being_stored_when_its_client_leaves_is_still_run(
     assert writer is not None
     os.kill(writer, signal.SIGSTOP)
     try:
-        await until(lambda: _state(writer) == "T")  # stopped, not about to read
+        await until(lambda: process_state(writer) == "T")  # stopped, not about to read
         await client.submit("last", "echo", {"n": 1})
-        await until(lambda: _unread_input(writer) > 0)  # the submit waits in the writer's pipe
+        await until(lambda: unread_input(writer) > 0)  # the submit waits in the writer's pipe
         await client.close()
         await until(lambda: session.state != "open")  # the server saw the client go
     finally:
