@@ -8,14 +8,8 @@ those rules ask for. Recovery of the queue and consumer (after a broker
 outage, a consumer that failed, a close called off) is in
 :mod:`server.session_recovery`.
 
-The submit path is built around coalescing (DESIGN.md, "Where the time
-goes"): :meth:`Session.submit` only checks and queues a frame; one pump task
-per session takes *everything* that arrived while the previous batch was
-being stored and published, stores it in one write (group-committed with
-other sessions' writes), publishes it as one broker message, waits for that
-one confirm, then queues the ``accepted`` frames in submit order. With one
-request in flight this adds no latency (no timer); with many, batches grow by
-themselves.
+The submit path (coalesced: one store write and one broker message per
+burst) is :mod:`server.session_pump`.
 """
 
 from __future__ import annotations
@@ -28,31 +22,22 @@ from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
-from consumers.consumer import SessionConsumer, encode_batch
+from consumers.consumer import SessionConsumer
 from consumers.registry import BadArgs, Registry
 from protocol import CloseCode, ErrorCode, Submit, encode_error
 from server import metrics
-from server.broker import Broker, BrokerError, QueueFull, RawChannel
-from server.session_core import BEGIN_CLOSE, START_PUMP, Command, Pending, Refuse, SessionCore
+from server.broker import Broker, BrokerError, RawChannel
+from server.session_core import BEGIN_CLOSE, START_PUMP, Command, Refuse, SessionCore
+from server.session_pump import SubmitPump
 from server.session_recovery import Recovery, Work
 from server.session_state import SessionState
 from server.settings import Settings
-from server.store import Fenced, NewRequest, Store, StoreError
+from server.store import Fenced, Store, StoreError
 
 if TYPE_CHECKING:
     from server.outbox import Outbox
 
 __all__ = ["Session", "Work"]
-
-# Submit coalescing (Session._wait_batch_done)
-GATHER = 0.002  # after a batch of several: time for the rest of the client's burst
-SLOW_OP = 0.01  # a running request this old is slow: stop holding submits for it
-HOLD_MAX = 0.25  # longest a submit waits for the session's previous batch
-
-
-def _wake(future: asyncio.Future[None]) -> None:
-    if not future.done():
-        future.set_result(None)
 
 
 class Session:
@@ -94,10 +79,8 @@ class Session:
         self.queue_name: str | None = None
         self.consumer: SessionConsumer | None = None
         self.recovery = Recovery(self)
+        self.pump = SubmitPump(self)
         self._accept_waiter: tuple[int, asyncio.Future[bool]] | None = None
-        self._idle_waiter: asyncio.Future[None] | None = None
-        self._last_batch = 0
-        self._pump_task: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._giving_up: asyncio.Task[None] | None = None
         self._close_settled = asyncio.Event()  # no close under way (done or called off)
@@ -145,7 +128,7 @@ class Session:
         """Carry out what the core asked for."""
         for command in commands:
             if command is START_PUMP:
-                self._pump_task = asyncio.create_task(self._pump())
+                self.pump.start()
             elif command is BEGIN_CLOSE:
                 self._begin_close()
             elif isinstance(command, Refuse):
@@ -277,8 +260,7 @@ class Session:
         await self._release()
 
     def _stop_tasks(self) -> None:
-        if self._pump_task is not None:
-            self._pump_task.cancel()
+        self.pump.cancel()
         self.recovery.cancel_sleeping_repair()
 
     async def _release(self) -> None:
@@ -330,6 +312,14 @@ class Session:
                 return False  # abandoned: the consumer is stopping
         return True
 
+    def accepted(self) -> None:
+        """A batch was accepted: a consumer waiting for its ``accepted`` goes on."""
+        waiter = self._accept_waiter
+        if waiter is not None and waiter[0] <= self.core.accepted_through:
+            self._accept_waiter = None
+            if not waiter[1].done():
+                waiter[1].set_result(True)
+
     def abandon_accept_wait(self) -> None:
         waiter, self._accept_waiter = self._accept_waiter, None
         if waiter is not None and not waiter[1].done():
@@ -344,9 +334,8 @@ class Session:
 
     def finished(self, seq: int) -> None:
         commands = self.core.finished(seq)
-        if not self.core.unfinished and self._idle_waiter is not None:
-            _wake(self._idle_waiter)
-            self._idle_waiter = None
+        if not self.core.unfinished:
+            self.pump.queue_drained()
         if commands:
             self.run(commands)
 
@@ -360,109 +349,6 @@ class Session:
         commands = self.core.submit(frame, now=time.monotonic(), broker_ready=ready)
         if commands:
             self.run(commands)
-
-    async def _pump(self) -> None:
-        core = self.core
-        try:
-            while core.incoming:
-                await self._wait_batch_done()
-                batch = core.take_batch()
-                try:
-                    await self._accept(batch)
-                finally:
-                    cancelled = core.batch_done()
-                for rid in cancelled:
-                    await self.cancel(rid)
-        finally:
-            self._pump_task = None
-            self.run(core.pump_ended())
-
-    async def _wait_batch_done(self) -> None:
-        """Let a streaming session's submits gather into one broker message.
-
-        A broker message costs far more than a request in it (see
-        docs/performance.md), so while the session's previous batch is still
-        unfinished, new submits wait for it (Nagle's rule, with the batch's
-        results in the role of the ACK), and a session that just sent a batch
-        of several gives the rest of the client's burst ``GATHER`` seconds to
-        arrive. A session with one request in flight waits for nothing. The
-        wait ends early when the running request is a slow one (it has run
-        ``SLOW_OP`` seconds: nothing to gain) and never lasts past ``HOLD_MAX``.
-        """
-        loop = asyncio.get_running_loop()
-        now = loop.time()
-        deadline = now + HOLD_MAX
-        waited = False
-        while self.core.unfinished and not self.core.closed:
-            consumer = self.consumer
-            if consumer is None:
-                return
-            since = consumer.running_since
-            if (since is not None and now - since > SLOW_OP) or now >= deadline:
-                return
-            future = loop.create_future()
-            self._idle_waiter = future
-            timer = loop.call_later(min(deadline - now, SLOW_OP), _wake, future)
-            await future
-            timer.cancel()
-            waited = True
-            now = loop.time()
-        if waited or self._last_batch > 1:
-            await asyncio.sleep(GATHER)
-
-    async def _accept(self, batch: list[Pending]) -> None:
-        core = self.core
-        records: list[NewRequest] = []
-        try:
-            if core.unremoved:  # their seqs are about to be reused
-                await self.remove_refused()
-            if core.resumed_from_store:
-                ids = [p.frame.id for p in batch]
-                known = await self.store.seqs_of(self.session_id, ids)
-                batch, sends = core.drop_known(batch, known)
-                self.run(sends)
-                if not batch:
-                    return
-            first = core.next_seq()
-            records = [
-                NewRequest(first + i, p.frame.id, p.frame.op, p.args_json)
-                for i, p in enumerate(batch)
-            ]
-            await self.store.add_requests(self.session_id, self.epoch, records, time.time())
-        except StoreError as exc:
-            self.log.warning("storing {} requests failed: {}", len(batch), exc)
-            if isinstance(exc, Fenced):
-                self.lost_ownership()
-            elif records:
-                # The write may have committed with its answer lost (the
-                # writer died after the commit): forget them before their
-                # seqs are reused. Harmless if nothing was stored.
-                core.unremoved = [r.seq for r in records]
-            message = "the request could not be stored; retry"
-            self.run(core.batch_refused(batch, ErrorCode.UNAVAILABLE, message))
-            return
-        body = encode_batch([(r.seq, r.client_id, r.op, r.args) for r in records])
-        try:
-            if self.channel is None or self.queue_name is None:
-                raise BrokerError("no queue")
-            await self.broker.publish(self.channel, self.queue_name, body)
-        except BrokerError as exc:
-            full = isinstance(exc, QueueFull)
-            core.unremoved = [r.seq for r in records]
-            await self.forget_refused()
-            code = ErrorCode.QUEUE_FULL if full else ErrorCode.UNAVAILABLE
-            message = "the session's queue is full" if full else "the broker is unreachable; retry"
-            self.run(core.batch_refused(batch, code, message))
-            return
-        self._last_batch = len(batch)
-        metrics.batch_size.observe(len(batch))
-        metrics.requests_accepted.inc(len(batch))
-        self.run(core.batch_accepted(batch, first))
-        waiter = self._accept_waiter
-        if waiter is not None and waiter[0] <= core.accepted_through:
-            self._accept_waiter = None
-            if not waiter[1].done():
-                waiter[1].set_result(True)
 
     async def cancel(self, rid: str) -> None:
         """Answer a client's cancel; a store that cannot be read or written
