@@ -63,7 +63,7 @@ class Server:
     """Implements :class:`server.ports.ConnectionHost` for its connections."""
 
     def __init__(self, settings: Settings, registry: Registry | None = None) -> None:
-        self.settings = settings
+        self._settings = settings
         self.owner = f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
         self.registry = registry if registry is not None else default_registry
         self.store: Store = open_store(settings.store_url)
@@ -87,6 +87,16 @@ class Server:
         self.port = settings.port
 
     @property
+    def settings(self) -> Settings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: Settings) -> None:
+        """Replaced once at start (the JWT secret), or by a test: the parts
+        that read settings see the new ones from then on."""
+        self._settings = self.directory.settings = self.routes.settings = settings
+
+    @property
     def sessions(self) -> dict[str, Session]:
         return self.directory.sessions
 
@@ -99,7 +109,7 @@ class Server:
         settings = self.settings
         await self.store.open()
         settings = settings.secret_for(sqlite_dir(settings.store_url))
-        self.settings = self.directory.settings = self.routes.settings = settings
+        self.settings = settings
         self.auth = Authenticator(
             self.store, settings.jwt_secret, settings.token_ttl,
             login_failures=settings.login_failures, login_window=settings.login_window,

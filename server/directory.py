@@ -113,6 +113,7 @@ class SessionDirectory:
         self.stopping = True
         sessions = list(self.sessions.values())
         await asyncio.gather(*(s.stop(grace) for s in sessions))
+        # Let the last results reach their clients before the sockets close.
         await asyncio.gather(*(s.outbox.flush(1.0) for s in sessions if s.outbox is not None))
 
     # -- new sessions and resumes ------------------------------------------------------
