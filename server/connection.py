@@ -36,11 +36,12 @@ from protocol import (
 )
 from server import metrics
 from server.auth import AuthError, Identity
+from server.errors import SessionUnavailable, error_frame
 from server.outbox import Outbox
 from server.store import StoreError
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from server.ports import ConnectionHost
     from server.session import Session
 
 
@@ -102,7 +103,12 @@ def handshake_token(ws: ServerConnection) -> str | None:
 
 
 class Connection:
-    def __init__(self, server: Server, ws: SQConnection) -> None:
+    """One authenticated client: the :class:`server.ports.Carrier` of a session.
+
+    It reaches the rest of the process only through ``server``, a
+    :class:`server.ports.ConnectionHost`."""
+
+    def __init__(self, server: ConnectionHost, ws: SQConnection) -> None:
         self.server = server
         self.ws = ws
         self.settings = server.settings
@@ -221,9 +227,7 @@ class Connection:
                         continue
                     except StoreError as exc:
                         self.log.warning("auth store error: {}", exc)
-                        self.outbox.push(
-                            encode_error(ErrorCode.UNAVAILABLE, "the user store is unavailable")
-                        )
+                        self.outbox.push(error_frame(exc))
                         continue
                     metrics.auth_total.labels(type(frame).__name__.lower(), "ok").inc()
                     return identity
@@ -232,10 +236,7 @@ class Connection:
             return None
 
     def _auth_error(self, exc: AuthError) -> None:
-        extra: dict[str, Any] = {}
-        if exc.retry_after is not None:
-            extra["retry_after"] = exc.retry_after
-        self.outbox.push(encode_error(exc.code, exc.message, **extra))
+        self.outbox.push(error_frame(exc))
 
     def _schedule_expiry(self, identity: Identity) -> None:
         if self._expiry is not None:
@@ -306,17 +307,20 @@ class Connection:
         self.outbox.push(self._welcome(identity, self.session.session_id))
 
     async def _resume(self, frame: Resume) -> None:
+        """Answer ``resume``; a session that cannot be taken gets ``not_found``
+        or ``expired``. A store that fails meanwhile closes the connection
+        with 1011 (run()): the client resumes again."""
         assert self.identity is not None and self.session is not None
-        if frame.session == self.session.session_id:
-            target = self.session
-        else:
-            try:
-                target = await self.server.take_session(frame.session, self.identity.username, self)
-            except LookupError as exc:
-                code = ErrorCode.EXPIRED if str(exc) == "expired" else ErrorCode.NOT_FOUND
-                self.outbox.push(encode_error(code, f"session {frame.session!r}: {exc}"))
-                return
-        await self.server.replay(target, self, frame.after)
+        try:
+            if frame.session == self.session.session_id:
+                target = self.session
+            else:
+                username = self.identity.username
+                target = await self.server.take_session(frame.session, username, self)
+            await self.server.replay(target, self, frame.after)
+        except SessionUnavailable as exc:
+            self.log.debug("resume of {} refused: {!r}", frame.session, exc)
+            self.outbox.push(error_frame(exc))
 
 
 def _unauthorized(frame: ClientFrame) -> bytes:

@@ -27,6 +27,7 @@ from consumers.registry import BadArgs, Registry
 from protocol import CloseCode, ErrorCode, Submit, encode_error
 from server import metrics
 from server.broker import Broker, BrokerError, RawChannel
+from server.errors import error_frame
 from server.session_core import BEGIN_CLOSE, START_PUMP, Command, Refuse, SessionCore
 from server.session_pump import SubmitPump
 from server.session_recovery import Recovery, Work
@@ -357,7 +358,7 @@ class Session:
             await self._cancel(rid)
         except StoreError as exc:
             self.log.warning("cancel of {!r} failed: {}", rid, exc)
-            self.push(encode_error(ErrorCode.UNAVAILABLE, "could not cancel; retry", rid))
+            self.push(error_frame(exc, rid))
             if isinstance(exc, Fenced):
                 self.lost_ownership()
 

@@ -18,9 +18,9 @@ import time
 from typing import TYPE_CHECKING
 
 from consumers.consumer import encode_batch
-from protocol import ErrorCode
 from server import metrics
-from server.broker import BrokerError, QueueFull
+from server.broker import BrokerError
+from server.errors import wire_error
 from server.session_core import Pending
 from server.store import Fenced, NewRequest, StoreError
 
@@ -141,21 +141,17 @@ class SubmitPump:
                 # writer died after the commit): forget them before their
                 # seqs are reused. Harmless if nothing was stored.
                 core.unremoved = [r.seq for r in records]
-            message = "the request could not be stored; retry"
-            s.run(core.batch_refused(batch, ErrorCode.UNAVAILABLE, message))
+            s.run(core.batch_refused(batch, *wire_error(exc)))
             return
         body = encode_batch([(r.seq, r.client_id, r.op, r.args) for r in records])
         try:
             if s.channel is None or s.queue_name is None:
                 raise BrokerError("no queue")
             await s.broker.publish(s.channel, s.queue_name, body)
-        except BrokerError as exc:
-            full = isinstance(exc, QueueFull)
+        except BrokerError as exc:  # QueueFull: the broker's x-max-length refused it
             core.unremoved = [r.seq for r in records]
             await s.forget_refused()
-            code = ErrorCode.QUEUE_FULL if full else ErrorCode.UNAVAILABLE
-            message = "the session's queue is full" if full else "the broker is unreachable; retry"
-            s.run(core.batch_refused(batch, code, message))
+            s.run(core.batch_refused(batch, *wire_error(exc)))
             return
         self._last_batch = len(batch)
         metrics.batch_size.observe(len(batch))
