@@ -14,6 +14,7 @@ import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import orjson
 import pytest
@@ -37,15 +38,25 @@ def unique_name(prefix: str = "user") -> str:
     return f"{prefix}{os.getpid()}x{next(_names)}"
 
 
+def broker_address(url: str = BROKER_URL) -> tuple[str, int]:
+    """The host and port the tests' broker URL names (AMQP's default ports)."""
+    parts = urlsplit(url)
+    return parts.hostname or "127.0.0.1", parts.port or (5671 if parts.scheme == "amqps" else 5672)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _broker_answers() -> None:
-    host, port = "127.0.0.1", 5672
+    """Stop the run before the first test that needs RabbitMQ when none answers
+    at ``SESSIONQ_TEST_BROKER_URL``. The pure tier, tests/unit, overrides this
+    fixture with one that checks nothing: it runs with no network at all."""
+    host, port = broker_address()
     try:
         socket.create_connection((host, port), timeout=2).close()
     except OSError:
         pytest.exit(
-            "RabbitMQ does not answer on 127.0.0.1:5672: run the tests with "
-            "scripts/sessionq test, which installs and starts it",
+            f"RabbitMQ does not answer on {host}:{port} (SESSIONQ_TEST_BROKER_URL): "
+            "run the tests with scripts/sessionq test, which installs and starts it; "
+            "only the unit tier (pytest tests/unit) runs without it",
             returncode=3,
         )
 

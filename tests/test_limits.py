@@ -1,4 +1,4 @@
-"""Limits and settings: token expiry, slow readers, submit rate, bad settings."""
+"""Limits: token expiry, slow readers, submit rate (bad settings: tests/unit/test_settings.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,6 @@ import time
 import pytest
 import websockets
 from conftest import PASSWORD, UNIT, ClientFactory, ServerFactory, finals_of, unique_name
-
-from server.settings import Settings, SettingsError
 
 
 async def test_token_expiry_closes_with_4401_after_token_expired(
@@ -120,48 +118,6 @@ async def test_submit_rate_limit_per_session(
     limited = [f for f in frames if f.get("code") == "rate_limited"]
     assert len(limited) == 3 and all("seq" not in f for f in limited)
     assert [f["seq"] for f in finals_of(frames)] == [1, 2, 3, 4, 5]
-
-
-@pytest.mark.parametrize(
-    ("env", "names"),
-    [
-        ({"SESSIONQ_PORT": "70000"}, "SESSIONQ_PORT"),
-        ({"SESSIONQ_PORT": "http"}, "SESSIONQ_PORT"),
-        ({"SESSIONQ_BROKER_URL": "redis://x"}, "SESSIONQ_BROKER_URL"),
-        ({"SESSIONQ_STORE_URL": "postgres://x"}, "SESSIONQ_STORE_URL"),
-        ({"SESSIONQ_ENV": "production"}, "SESSIONQ_JWT_SECRET"),
-        ({"SESSIONQ_ENV": "production", "SESSIONQ_JWT_SECRET": "short"}, "SESSIONQ_JWT_SECRET"),
-        ({"SESSIONQ_MAX_PENDING": "0"}, "SESSIONQ_MAX_PENDING"),
-        ({"SESSIONQ_OPEN_REGISTRATION": "maybe"}, "SESSIONQ_OPEN_REGISTRATION"),
-        ({"SESSIONQ_LOG_FORMAT": "xml"}, "SESSIONQ_LOG_FORMAT"),
-        ({"SESSIONQ_AMQP_CHANNELS": "5000"}, "SESSIONQ_AMQP_CHANNELS"),
-        ({"SESSIONQ_MAX_ATTEMPTS": "1"}, "SESSIONQ_MAX_ATTEMPTS"),
-    ],
-)
-def test_bad_settings_name_the_variable(env: dict[str, str], names: str) -> None:
-    with pytest.raises(SettingsError, match=names):
-        Settings.from_env(env)
-
-
-def test_settings_read_the_environment_and_flags_win() -> None:
-    settings = Settings.from_env(
-        {"SESSIONQ_PORT": "9000", "SESSIONQ_ALLOWED_ORIGINS": "https://a, https://b",
-         "SESSIONQ_OPEN_REGISTRATION": "false", "SESSIONQ_MAX_SLEEP": "2.5"},
-        port="9100",
-    )  # fmt: skip
-    assert settings.port == 9100
-    assert settings.allowed_origins == ("https://a", "https://b")
-    assert settings.open_registration is False and settings.max_sleep == 2.5
-
-
-async def test_serve_with_a_bad_setting_exits_2_with_a_clear_message() -> None:
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, "-m", "server.cli", "serve", "--max-pending", "-3",
-        stderr=asyncio.subprocess.PIPE,
-    )  # fmt: skip
-    _, err = await asyncio.wait_for(proc.communicate(), 2 * UNIT)
-    assert proc.returncode == 2
-    assert b"SESSIONQ_MAX_PENDING" in err and b"greater than 0" in err
 
 
 async def test_user_add_then_login(server_factory: ServerFactory, connect: ClientFactory) -> None:
