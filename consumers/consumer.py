@@ -45,14 +45,11 @@ from loguru import logger
 
 from consumers.context import KV, Context
 from consumers.registry import Operation, OpError, Registry
-from protocol import (
-    ErrorCode,
-    decode_json,
-    encode_error,
-    encode_json,
-    encode_progress,
-    encode_result,
-)
+from protocol import ErrorCode, encode_error, encode_progress, encode_result
+from server.broker_message import decode_batch, encode_batch
+
+# encode_batch lives in server.broker_message; re-exported for the session.
+__all__ = ["SessionConsumer", "SessionPort", "encode_batch"]
 
 HOLD_RESULTS = 0.005  # longest a finished result waits for the rest of its message
 MAX_GROUP = 64  # delivered messages run as one unit
@@ -118,25 +115,6 @@ class SessionPort(Protocol):
     def careful(self) -> bool:
         """Whether the session was taken from an owner that died: then each
         request starts only once the results before it are stored."""
-
-
-def encode_batch(
-    items: Sequence[tuple[int, str, str, str] | tuple[int, str, str, str, int]],
-) -> bytes:
-    """One broker message: ``[[seq, id, op, args-json(, attempt)], ...]`` with
-    args kept as raw JSON text so it is neither parsed nor re-encoded on the
-    way. ``attempt`` (default 1) is given for requests re-published after their
-    process died while running them."""
-    parts = []
-    for item in items:
-        seq, rid, op, args = item[0], item[1], item[2], item[3]
-        attempt = item[4] if len(item) > 4 else 1
-        tail = b"," + str(attempt).encode() if attempt != 1 else b""
-        parts.append(
-            b"[" + str(seq).encode() + b"," + encode_json(rid) + b"," + encode_json(op) + b","
-            + args.encode() + tail + b"]"
-        )  # fmt: skip
-    return b"[" + b",".join(parts) + b"]"
 
 
 class SessionConsumer:
@@ -353,13 +331,11 @@ class SessionConsumer:
         (and the client's next burst coalesces into one message again), a
         message costs one commit, and a single request waits for nothing.
         """
-        items: list[list[Any]] = [item for m in messages for item in decode_json(m.body)]
+        items = [item for m in messages for item in decode_batch(m.body)]
         port = self.port
         self._pipeline_error = None
         complete = True
-        for item in items:
-            seq, rid, opname, args = item[0], item[1], item[2], item[3]
-            attempt = item[4] if len(item) > 4 else 1
+        for seq, rid, opname, args, attempt in items:
             self._parked = True
             try:
                 await port.wait_accepted(seq)  # False (abandoned): _can_start() says no
