@@ -14,8 +14,9 @@ The protocol is private to the two ends: on the child's stdin and stdout, a
 * At start the child opens the file and answers ``("ready", None)`` or
   ``("failed", StoreError)``.
 * The parent sends a batch: a list of ``(function, args)``, each function a
-  module-level write in :mod:`server.store.sqlite` (pickled by reference). The
-  child runs the batch in one transaction with ``_run_batch`` and answers
+  module-level write in :mod:`server.store.sqlite_writes` (pickled by
+  reference). The child runs the batch in one transaction with its
+  ``run_batch`` and answers
   ``("ok", [(True, result) or (False, exception), ...])``, or
   ``("failed", StoreError)`` when the transaction as a whole failed.
 * EOF on its stdin ends the child once its batch is done: that is how a clean
@@ -35,13 +36,14 @@ import pickle
 import signal
 import struct
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, Any
 
 from loguru import logger
 
 from .base import StoreError
+from .sqlite_writes import Write
 
 HEADER = struct.Struct("!I")
 # The directory that holds the ``server`` package. The child appends it to its
@@ -54,8 +56,6 @@ BOOTSTRAP = (
 )
 START_TIMEOUT = 30.0
 STOP_TIMEOUT = 10.0
-
-Write = tuple[Callable[..., Any], tuple[Any, ...]]
 
 
 class WriterProcess:
@@ -183,7 +183,8 @@ def main(argv: Sequence[str]) -> int:
     import sqlite3
 
     from ..lifetime import die_with_parent
-    from . import sqlite
+    from .sqlite_schema import configure
+    from .sqlite_writes import run_batch, store_error
 
     path, busy_timeout, parent = argv[0], float(argv[1]), int(argv[2])
     if not die_with_parent(signal.SIGKILL, parent) and os.getppid() != parent:
@@ -194,7 +195,7 @@ def main(argv: Sequence[str]) -> int:
     inp = os.fdopen(os.dup(0), "rb")
     try:
         c = sqlite3.connect(path, isolation_level=None, timeout=busy_timeout)
-        sqlite._configure(c)
+        configure(c)
     except sqlite3.Error as e:
         _send(out, ("failed", StoreError(f"the writer cannot open {path}: {e}")))
         return 1
@@ -203,8 +204,8 @@ def main(argv: Sequence[str]) -> int:
         # (A result that cannot be pickled is reported as a failure of the
         # whole batch although it committed: only a bug in a write does that.)
         try:
-            _send(out, ("ok", sqlite._run_batch(c, batch)))
+            _send(out, ("ok", run_batch(c, batch)))
         except Exception as e:  # the transaction as a whole failed
-            _send(out, ("failed", sqlite._store_error(e)))
+            _send(out, ("failed", store_error(e)))
     c.close()
     return 0
