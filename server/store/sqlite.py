@@ -4,10 +4,7 @@ Why it is built this way:
 
 * Group commit. A commit costs about as much as the work in it (DESIGN.md:
   ~4k requests/s one commit each, 37k/s sixteen at a time), so every write is
-  queued to one writer task. The writer takes everything queued, runs it in one
-  transaction, commits once and then answers each caller. Writes that arrive
-  while a commit runs form the next batch: no timer, and no added latency when
-  only one write is in flight.
+  queued to one writer task (:class:`.sqlite_writer.GroupCommit`).
 * The whole batch, BEGIN to COMMIT, runs in a writer process of its own
   (:mod:`.sqlite_writer`), sent as one message of ``(function, args)`` pairs.
   On a thread of the server's process each SQLite step waited for the event
@@ -23,7 +20,6 @@ Why it is built this way:
 
 from __future__ import annotations
 
-import asyncio
 import os
 import sqlite3
 import time
@@ -45,8 +41,8 @@ from .base import (
     User,
 )
 from .sqlite_schema import REQUEST_COLUMNS, SESSION_COLUMNS, setup
-from .sqlite_writer import WriterProcess
-from .sqlite_writes import Write, one, store_error
+from .sqlite_writer import GroupCommit, WriterProcess
+from .sqlite_writes import one
 
 T = TypeVar("T")
 
@@ -61,13 +57,9 @@ class SqliteStore(Store):
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
-        self.commits = 0  # transactions the writer committed (tests check the grouping)
         self._db: aiosqlite.Connection | None = None
-        self._pending: list[tuple[Write, asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
         self._process = WriterProcess(self.path, busy_timeout)
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
+        self._group = GroupCommit(self._process, self._failed, name=f"sqlite writer {self.path}")
 
     # -- lifecycle -----------------------------------------------------------
     async def open(self) -> None:
@@ -93,20 +85,20 @@ class SqliteStore(Store):
             await db.close()
             raise
         self._db = db
-        self._closing = False
-        self._writer = asyncio.create_task(self._write_loop(), name=f"sqlite writer {self.path}")
+        self._group.start()
 
     async def close(self) -> None:
         if self._db is None:
             return
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer  # drains what is queued
-            self._writer = None
+        await self._group.close()  # drains what is queued
         await self._process.stop()
         db, self._db = self._db, None
         await db.close()
+
+    @property
+    def commits(self) -> int:
+        """Transactions the writer committed (tests check the grouping)."""
+        return self._group.commits
 
     @property
     def writer_pid(self) -> int | None:
@@ -116,53 +108,12 @@ class SqliteStore(Store):
     async def ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchall())
 
-    # -- the writer ----------------------------------------------------------
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Queue ``fn(connection, *args)`` for the next batch; return its result
-        once committed. ``fn`` runs in the writer process: a module-level
-        function of this module, its args picklable."""
-        if self._writer is None or self._closing:
-            raise StoreError("the store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(((fn, args), future))
-        self._wakeup.set()
-        return await future
-
-    async def _write_loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch, self._pending = self._pending, []
-            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
-            if batch:
-                await self._commit(batch)
-
-    async def _commit(self, batch: list[tuple[Write, asyncio.Future[Any]]]) -> None:
-        try:
-            outcomes = await self._process.run([write for write, _ in batch])
-        except Exception as e:  # the transaction failed: nothing of the batch is stored
-            self._failed(len(batch))
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(store_error(e))
-            return
-        except asyncio.CancelledError:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(StoreError("the store's writer was cancelled"))
-            raise
-        self.commits += 1
-        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-            if fut.done():
-                continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+    # -- reads and writes ----------------------------------------------------
+    def _write(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """``fn(connection, *args)`` in the next group commit (a write of
+        :mod:`.sqlite_writes`, its args picklable); awaited, its result once
+        committed."""
+        return self._group.write(fn, *args)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
