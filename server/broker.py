@@ -16,6 +16,10 @@ Why this shape:
   supervisor here reconnects with capped backoff (never more than 5 s between
   tries) and bumps :attr:`Broker.generation`; sessions watch that and recover
   themselves from the store (fresh queue name, re-publish unfinished requests).
+* Only server/broker* speaks AMQP. A session gets a pooled channel
+  (:class:`server.broker_channel.Channel`) to declare, publish to and
+  subscribe to its queue; its consumer gets deliveries in order and acks them
+  through that subscription. The message format is :mod:`server.broker_message`.
 """
 
 from __future__ import annotations
@@ -78,7 +82,7 @@ class Broker:
         self.generation = 0
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channels: list[AbstractChannel] = []
-        self._raw: list[Channel] = []  # the same channels, as sessions see them
+        self._pool: list[Channel] = []  # the same channels, as sessions see them
         self._rr = itertools.count()
         self._message_ids = itertools.count(1)
         self._up = asyncio.Event()  # the connection and channel pool are usable
@@ -194,7 +198,7 @@ class Broker:
         connection.close_callbacks.add(self._connection_closed)
         self._connection = connection
         self._channels = channels
-        self._raw = [Channel(await channel.get_underlay_channel()) for channel in channels]
+        self._pool = [Channel(await channel.get_underlay_channel()) for channel in channels]
         logger.info("broker connected: {} ({} channels)", self.safe_url, len(channels))
 
     async def _listen_control(self, channel: AbstractChannel) -> None:
@@ -225,7 +229,7 @@ class Broker:
 
     async def _close_connection(self) -> None:
         connection, self._connection, self._channels = self._connection, None, []
-        self._raw = []
+        self._pool = []
         if connection is not None and not connection.is_closed:
             try:
                 await asyncio.wait_for(connection.close(), 5)
@@ -237,9 +241,9 @@ class Broker:
     def pick_channel(self) -> Channel:
         """The next pooled channel, round robin, for a session's queue, its
         publishes and its subscription (Channel.subscribe)."""
-        if not self._up.is_set() or not self._raw:
+        if not self._up.is_set() or not self._pool:
             raise BrokerError("broker is unreachable")
-        return self._raw[next(self._rr) % len(self._raw)]
+        return self._pool[next(self._rr) % len(self._pool)]
 
     async def declare_session_queue(self, channel: Channel, name: str, max_length: int) -> None:
         """Declare an exclusive, auto-delete queue that refuses publishes past
