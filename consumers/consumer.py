@@ -2,13 +2,12 @@
 
 Ordering rules (the reason this file is shaped as it is):
 
-* Deliveries are appended to an inbox by a callback that does nothing else
-  (aio-pika's ``queue.consume`` would run a task per message and lose the
-  order; aiormq's own per-delivery tasks start in delivery order and finish
-  in their first step). One task takes what the inbox holds and runs it; it
-  exists only while there is something to run, so an idle session costs no
-  task. A prefetch above one only pipelines deliveries; processing and acks
-  stay strictly in order.
+* Deliveries come from the broker's subscription in order, to a callback
+  that appends them to an inbox and does nothing else (it never awaits: see
+  server.broker_channel for why that keeps the order). One task takes what
+  the inbox holds and runs it; it exists only while there is something to
+  run, so an idle session costs no task. A prefetch above one only pipelines
+  deliveries; processing and acks stay strictly in order.
 * One broker message carries one or more consecutive requests of the session
   (the submit path coalesces what arrived together). They run in seq order.
 * A request starts only after its ``accepted`` frame was queued for sending,
@@ -18,7 +17,7 @@ Ordering rules (the reason this file is shaped as it is):
   runs on under its time limit in the same task.
 * A result is written to the store before its frame is sent, and the message
   is acked only after every request in it has its result stored. Result
-  writes are pipelined (see ``_process``).
+  writes are pipelined (see consumers.results).
 * Crashes are counted when a session is taken over from an owner that died
   (its lease lapsed): requests run strictly in order, so the first unfinished
   one is the one that was running, and only it is charged an attempt
@@ -32,114 +31,31 @@ Ordering rules (the reason this file is shaped as it is):
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
-import types
 from collections import deque
-from collections.abc import Callable, Coroutine, Generator, Mapping, Sequence
+from collections.abc import Mapping
 from concurrent.futures import Executor
-from typing import Any, Protocol
+from typing import Any
 
-from aiormq.abc import AbstractChannel, DeliveredMessage
 from loguru import logger
 
 from consumers.context import KV, Context
+from consumers.handler_call import Expired, call_handler, describe
+from consumers.ports import Delivery, Finisher, Observer, SessionPort, Subscriber, Subscription
 from consumers.registry import Operation, OpError, Registry
-from protocol import (
-    ErrorCode,
-    decode_json,
-    encode_error,
-    encode_json,
-    encode_progress,
-    encode_result,
-)
+from consumers.results import ResultPipeline
+from protocol import ErrorCode, encode_error, encode_progress, encode_result
+from server.broker_message import decode_batch, encode_batch
 
-HOLD_RESULTS = 0.005  # longest a finished result waits for the rest of its message
+# Their homes are consumers.ports and server.broker_message; kept importable here.
+__all__ = ["Finisher", "Observer", "SessionConsumer", "SessionPort", "encode_batch"]
+
 MAX_GROUP = 64  # delivered messages run as one unit
-CANCEL_TIMEOUT = 5.0  # bound on basic.cancel when the consumer stops
-
-
-# The metrics hook, once per final: (op, outcome, seconds its handler ran, or
-# None for a final no handler produced: cancelled while queued, crashed, unknown op).
-Observer = Callable[[str, str, float | None], None]
-
-
-class Finisher(Protocol):
-    """The store calls the consumer needs (a slice of server.store.Store)."""
-
-    async def finish_requests(
-        self, session_id: str, epoch: int, finals: Sequence[tuple[int, str, bool]], now: float
-    ) -> list[bool]: ...
-
-
-class SessionPort(Protocol):
-    """What the consumer needs from its session (implemented by server.session)."""
-
-    session_id: str
-    username: str
-    epoch: int
-
-    def push(self, frame: bytes) -> None:
-        """Queue a frame for the client; never blocks (no-op when detached)."""
-
-    def push_final(self, seq: int, frame: bytes) -> None:
-        """Queue seq's stored final frame, unless a resume replay already
-        sent it from the store."""
-
-    async def wait_accepted(self, seq: int) -> bool:
-        """Return True once ``accepted`` for seq has been queued for sending,
-        or False if :meth:`abandon_accept_wait` was called first."""
-
-    def abandon_accept_wait(self) -> None:
-        """Make a pending :meth:`wait_accepted` return False now."""
-
-    def cancel_pending(self, seq: int) -> asyncio.Future[bytes] | None:
-        """If the client cancelled this queued request: a future of its stored
-        final frame (resolved once the cancel is stored; to b"" if it could not
-        be stored, and the request then runs)."""
-
-    def begin(self, seq: int, rid: str) -> bool:
-        """Whether seq is unfinished and is the request ``rid``. False for a
-        request that already finished (a duplicate after recovery) and for a
-        stale message whose publish was refused after all (its seq was reused)."""
-
-    def finished(self, seq: int) -> None:
-        """seq has its final frame stored; it no longer counts as pending."""
-
-    def owned(self) -> bool:
-        """Whether this process still owns the session at the consumer's epoch."""
-
-    def consumer_failed(self, consumer: SessionConsumer, exc: Exception) -> None:
-        """``consumer`` ended on an error (a result could not be stored, the
-        session was fenced), not because it was asked to stop: whatever is
-        unfinished is in the store, and the session has to carry it on."""
-
-    @property
-    def careful(self) -> bool:
-        """Whether the session was taken from an owner that died: then each
-        request starts only once the results before it are stored."""
-
-
-def encode_batch(
-    items: Sequence[tuple[int, str, str, str] | tuple[int, str, str, str, int]],
-) -> bytes:
-    """One broker message: ``[[seq, id, op, args-json(, attempt)], ...]`` with
-    args kept as raw JSON text so it is neither parsed nor re-encoded on the
-    way. ``attempt`` (default 1) is given for requests re-published after their
-    process died while running them."""
-    parts = []
-    for item in items:
-        seq, rid, op, args = item[0], item[1], item[2], item[3]
-        attempt = item[4] if len(item) > 4 else 1
-        tail = b"," + str(attempt).encode() if attempt != 1 else b""
-        parts.append(
-            b"[" + str(seq).encode() + b"," + encode_json(rid) + b"," + encode_json(op) + b","
-            + args.encode() + tail + b"]"
-        )  # fmt: skip
-    return b"[" + b",".join(parts) + b"]"
 
 
 class SessionConsumer:
+    """Runs one session's requests from its queue (see the module docstring)."""
+
     def __init__(
         self,
         port: SessionPort,
@@ -171,31 +87,23 @@ class SessionConsumer:
         self._cancel_seq: int | None = None
         self._cancel_sent = False  # the worker task was cancelled for _cancel_seq
         self._stop = False
-        self._channel: AbstractChannel | None = None
-        self._tag: str | None = None
-        self._inbox: deque[DeliveredMessage] = deque()
+        self._subscription: Subscription | None = None
+        self._inbox: deque[Delivery] = deque()
         self._worker: asyncio.Task[None] | None = None  # only while there is work
         self._ended: asyncio.Future[None] | None = None
         self._ending: asyncio.Task[None] | None = None
-        self._unacked: list[DeliveredMessage] = []  # taken, not acked: rejected at the end
-        self._collected: list[tuple[int, bytes, bool, bool]] = []
-        self._writing: asyncio.Task[None] | None = None
-        self._drained = asyncio.Event()
-        self._pipeline_error: BaseException | None = None
-        self._hold_timer: asyncio.TimerHandle | None = None
-        self._ready: list[tuple[int, bytes, bool]] = []
-        self._push_timer: asyncio.TimerHandle | None = None
+        self._unacked: list[Delivery] = []  # taken, not acked: rejected at the end
         self._epoch = port.epoch
         self._loop = asyncio.get_running_loop()  # once: each lookup costs a getpid()
+        self._results = ResultPipeline(port, store, self._epoch, self._loop)
 
     # -- control (called by the session) -------------------------------------------
-    async def start(self, channel: AbstractChannel, queue: str) -> None:
-        """Subscribe to the session's queue; deliveries are run as they come."""
-        self._channel = channel
-        ok = await channel.basic_consume(queue, self._deliver)
-        self._tag = ok.consumer_tag
+    async def start(self, channel: Subscriber, queue: str) -> None:
+        """Subscribe to the session's queue on ``channel`` (a broker channel,
+        server.broker_channel.Channel); deliveries are run as they come."""
+        self._subscription = await channel.subscribe(queue, self._deliver)
         if self._ending is not None and self._ending.done():
-            # Stopped while subscribing: the end ran with no tag to cancel.
+            # Stopped while subscribing: the end ran with no subscription to cancel.
             await self._unsubscribe()
 
     def stop(self) -> None:
@@ -241,20 +149,16 @@ class SessionConsumer:
         # broker's copy is transient, the store has what they carried, and
         # whoever runs the session next re-publishes it from there. Cancelling
         # the subscription then lets the auto-delete queue go.
-        channel, tag = self._channel, self._tag
-        if channel is not None and tag is not None and not channel.is_closed:
-            try:
-                async with asyncio.timeout(CANCEL_TIMEOUT):
-                    await channel.basic_cancel(tag)
-            except Exception as exc:  # channel or broker gone: nothing to end
-                logger.debug("basic.cancel: {!r}", exc)
-            # No delivery comes after cancel-ok (those before it have been
-            # handed to _deliver by now: aiormq starts them in order).
+        subscription = self._subscription
+        if subscription is not None and not subscription.closed:
+            await subscription.cancel()  # bounded; never raises
+            # No delivery comes after the cancel (those before it have been
+            # handed to _deliver by now, and joined _unacked).
             unacked, self._unacked = self._unacked, []
             try:
                 for message in unacked:
-                    if message.delivery_tag is not None and not channel.is_closed:
-                        await channel.basic_reject(message.delivery_tag, requeue=False, wait=False)
+                    if message.delivery_tag is not None and not subscription.closed:
+                        await subscription.reject(message.delivery_tag)
             except Exception as exc:
                 logger.debug("basic.reject: {!r}", exc)
         self._unacked = []
@@ -279,10 +183,9 @@ class SessionConsumer:
         return True
 
     # -- the loop ------------------------------------------------------------------
-    async def _deliver(self, message: DeliveredMessage) -> None:
-        """aiormq's delivery callback (it runs each in a task of its own, in
-        delivery order): keep the message, wake the worker. Never awaits, so
-        the order holds."""
+    def _deliver(self, message: Delivery) -> None:
+        """The subscription's callback, called in delivery order: keep the
+        message, wake the worker. Never awaits, so the order holds."""
         if self._stop:
             self._unacked.append(message)  # rejected when the subscription ends
             return
@@ -305,12 +208,12 @@ class SessionConsumer:
                 # with a closed channel, and rejecting a tag already acked would
                 # make the broker close the channel under every session on it.
                 del self._unacked[: len(messages)]
-                channel = self._channel
-                assert channel is not None
+                subscription = self._subscription
+                assert subscription is not None  # deliveries come after start() has it
                 for message in messages:
                     tag = message.delivery_tag
                     assert tag is not None
-                    await channel.basic_ack(tag, wait=False)
+                    await subscription.ack(tag)
         except asyncio.CancelledError:
             self._stop = True
             raise
@@ -332,47 +235,42 @@ class SessionConsumer:
         # A dead channel means the broker's copy is gone: the session's
         # recovery re-publishes from the store, so start nothing more here
         # (prefetched messages would otherwise run while recovery lists them).
-        channel = self._channel
+        subscription = self._subscription
         return (
             not self._stop
             and self.port.owned()
             and self.port.epoch == self._epoch
-            and (channel is None or not channel.is_closed)
+            and (subscription is None or not subscription.closed)
         )
 
-    async def _process(self, messages: list[DeliveredMessage]) -> bool:
+    async def _process(self, messages: list[Delivery]) -> bool:
         """Run every request carried by the messages, in order; True once all
         of them have their final frame stored (then the messages may be acked).
-
-        Results go to the store in a pipeline: the results of a message's
-        requests are collected and written together once its last request has
-        run, or as soon as a request is still running ``HOLD_RESULTS`` seconds
-        after the first result was collected; while one write commits, the
-        next requests run. A frame is sent only after its write has committed,
-        in seq order. So a burst of submits comes back as a burst of results
-        (and the client's next burst coalesces into one message again), a
-        message costs one commit, and a single request waits for nothing.
-        """
-        items: list[list[Any]] = [item for m in messages for item in decode_json(m.body)]
+        Results go out through the pipeline (consumers.results): the next
+        requests run while a write commits."""
+        items = (
+            decode_batch(messages[0].body)  # the common case: no second list
+            if len(messages) == 1
+            else [item for m in messages for item in decode_batch(m.body)]
+        )
         port = self.port
-        self._pipeline_error = None
+        results = self._results
+        results.error = None
         complete = True
-        for item in items:
-            seq, rid, opname, args = item[0], item[1], item[2], item[3]
-            attempt = item[4] if len(item) > 4 else 1
+        for seq, rid, opname, args, attempt in items:
             self._parked = True
             try:
                 await port.wait_accepted(seq)  # False (abandoned): _can_start() says no
             finally:
                 self._parked = False
-            if self._pipeline_error is not None or not self._can_start():
+            if results.error is not None or not self._can_start():
                 complete = False
                 break
             cancelled = port.cancel_pending(seq)
             if cancelled is not None:
                 final = await cancelled  # b"": the cancel could not be stored, run it
                 if final:
-                    self._queue_final(seq, final, store=False)
+                    results.add(seq, final, store=False)
                     if opname:  # "": a result carried over, counted where it ran
                         self._count(opname, "cancelled")
                     continue
@@ -382,10 +280,10 @@ class SessionConsumer:
             # before a request are made durable before it starts: if it kills
             # the process too, it is then the first unfinished request in the
             # store, and it alone is charged the crash (see Server._claim_once).
-            if port.careful and (self._collected or self._writing is not None):
-                self._flush_collected()
-                await self._drain_pipeline()
-                if self._pipeline_error is not None:
+            if port.careful and results.busy:
+                results.flush()
+                await results.drain()
+                if results.error is not None:
                     complete = False
                     break
             self.running_seq = self.started_seq = seq
@@ -395,77 +293,15 @@ class SessionConsumer:
                 final, failed = await self._run(seq, rid, opname, args, attempt)
             finally:
                 self.running_seq = self.started_seq = self.running_since = None
-            self._queue_final(seq, final, store=True, failed=failed)
-        self._flush_collected()
-        await self._drain_pipeline()
-        self._push_ready()
-        if self._pipeline_error is not None:
-            raise self._pipeline_error
+            results.add(seq, final, store=True, failed=failed)
+        results.flush()
+        await results.drain()
+        results.push_ready()
+        if results.error is not None:
+            raise results.error
         return complete
 
-    # -- the result pipeline -----------------------------------------------------
-    def _queue_final(self, seq: int, final: bytes, *, store: bool, failed: bool = True) -> None:
-        if not self._collected:
-            self._hold_timer = self._loop.call_later(HOLD_RESULTS, self._flush_collected)
-        self._collected.append((seq, final, store, failed))
-
-    def _flush_collected(self) -> None:
-        if self._hold_timer is not None:
-            self._hold_timer.cancel()
-            self._hold_timer = None
-        if self._collected and self._writing is None:
-            self._write_collected()
-
-    def _write_collected(self) -> None:
-        batch, self._collected = self._collected, []
-        self._writing = self._loop.create_task(self._write(batch))
-
-    async def _write(self, batch: list[tuple[int, bytes, bool, bool]]) -> None:
-        port = self.port
-        to_store = [(seq, final.decode(), failed) for seq, final, store, failed in batch if store]
-        try:
-            stored = iter(
-                await self.store.finish_requests(
-                    port.session_id, self._epoch, to_store, time.time()
-                )
-                if to_store
-                else []
-            )
-        except Exception as exc:  # fenced or store down: stop; the next owner re-runs them
-            self._push_ready()
-            self._pipeline_error = exc
-            self._collected = []
-            self._writing = None
-            self._drained.set()
-            return
-        for seq, final, store, _failed in batch:
-            self._ready.append((seq, final, not store or next(stored)))
-        if self._push_timer is None:
-            self._push_timer = self._loop.call_later(HOLD_RESULTS, self._push_ready)
-        if self._collected and self._pipeline_error is None:
-            self._write_collected()
-        else:
-            self._writing = None
-            self._drained.set()
-
-    def _push_ready(self) -> None:
-        """Send the stored results, together: a burst of results brings the
-        client's next burst of submits, which coalesces into one message."""
-        if self._push_timer is not None:
-            self._push_timer.cancel()
-            self._push_timer = None
-        ready, self._ready = self._ready, []
-        port = self.port
-        for seq, final, send in ready:
-            port.finished(seq)
-            if send:
-                port.push_final(seq, final)
-
-    async def _drain_pipeline(self) -> None:
-        while self._writing is not None:
-            self._drained.clear()
-            await self._drained.wait()
-
+    # -- running one request -------------------------------------------------
     async def _run(
         self, seq: int, rid: str, opname: str, args: dict[str, Any], attempt: int
     ) -> tuple[bytes, bool]:
@@ -527,8 +363,8 @@ class SessionConsumer:
             return frame, True, "cancelled", False
         self._in_handler = True
         try:
-            value = await self._call(op, args, ctx, self._loop.time() + timeout)
-        except _Expired:
+            value = await call_handler(op, args, ctx, self._loop.time() + timeout, self._loop)
+        except Expired:
             frame = encode_error(ErrorCode.TIMEOUT, f"op took longer than {timeout:g}s", rid, seq)
             return frame, True, "timeout", True
         except asyncio.CancelledError:
@@ -543,7 +379,7 @@ class SessionConsumer:
             return encode_error(exc.code, exc.message, rid, seq), True, exc.code, exc.retryable
         except Exception as exc:
             logger.opt(exception=exc).bind(session=ctx.session).warning("op {} failed", op.name)
-            frame = encode_error(ErrorCode.HANDLER_ERROR, _describe(exc), rid, seq)
+            frame = encode_error(ErrorCode.HANDLER_ERROR, describe(exc), rid, seq)
             return frame, True, "handler_error", True
         finally:
             self._in_handler = False
@@ -563,61 +399,3 @@ class SessionConsumer:
                 "handler_error",
                 False,
             )
-
-    async def _call(
-        self, op: Operation, args: dict[str, Any], ctx: Context, deadline: float
-    ) -> Any:
-        """Run the handler in this task and return its value. An async handler
-        is started eagerly: if it returns without waiting, that is all (no
-        task, no timer); if it waits, it goes on under its deadline."""
-        if not op.is_async:
-            call = functools.partial(op.func, args, ctx)
-            return await _with_deadline(self._loop.run_in_executor(None, call), deadline)
-        coro = op.func(args, ctx)
-        try:
-            waiting_on = coro.send(None)
-        except StopIteration as done:
-            return done.value
-        return await _with_deadline(_resume(coro, waiting_on), deadline)
-
-
-class _Expired(Exception):
-    """The handler ran past its time limit (distinct from a TimeoutError the
-    handler itself raised)."""
-
-
-async def _with_deadline(awaitable: Any, deadline: float) -> Any:
-    try:
-        async with asyncio.timeout_at(deadline) as cm:
-            return await awaitable
-    except TimeoutError:
-        if cm.expired():
-            raise _Expired() from None
-        raise
-
-
-@types.coroutine
-def _resume(coro: Coroutine[Any, Any, Any], waiting_on: Any) -> Generator[Any, Any, Any]:
-    """Go on running a coroutine that was started by hand and is waiting on
-    ``waiting_on``: what ``await coro`` would have done from the start."""
-    while True:
-        try:
-            sent = yield waiting_on
-        except GeneratorExit:
-            coro.close()
-            raise
-        except BaseException as exc:  # cancellation or a deadline: into the handler
-            try:
-                waiting_on = coro.throw(exc)
-            except StopIteration as done:
-                return done.value
-        else:
-            try:
-                waiting_on = coro.send(sent)
-            except StopIteration as done:
-                return done.value
-
-
-def _describe(exc: BaseException) -> str:
-    text = str(exc)
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

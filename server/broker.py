@@ -16,6 +16,10 @@ Why this shape:
   supervisor here reconnects with capped backoff (never more than 5 s between
   tries) and bumps :attr:`Broker.generation`; sessions watch that and recover
   themselves from the store (fresh queue name, re-publish unfinished requests).
+* Only server/broker* speaks AMQP. A session gets a pooled channel
+  (:class:`server.broker_channel.Channel`) to declare, publish to and
+  subscribe to its queue; its consumer gets deliveries in order and acks them
+  through that subscription. The message format is :mod:`server.broker_message`.
 """
 
 from __future__ import annotations
@@ -29,12 +33,23 @@ from typing import Any
 import aio_pika
 import aiormq
 from aio_pika.abc import AbstractChannel
-from aiormq.abc import AbstractChannel as RawChannel
 from loguru import logger
 
 from server import metrics
+from server.broker_channel import Channel, Delivery, Subscription
 
-__all__ = ["Broker", "BrokerError", "QueueFull", "RawChannel"]
+__all__ = [
+    "Broker",
+    "BrokerError",
+    "Channel",
+    "Delivery",
+    "QueueFull",
+    "RawChannel",
+    "Subscription",
+]
+
+# The name session.py knows a pooled channel by; it is a Channel now.
+RawChannel = Channel
 
 
 class BrokerError(Exception):
@@ -67,7 +82,7 @@ class Broker:
         self.generation = 0
         self._connection: aio_pika.abc.AbstractConnection | None = None
         self._channels: list[AbstractChannel] = []
-        self._raw: list[RawChannel] = []  # the same channels, as aiormq sees them
+        self._pool: list[Channel] = []  # the same channels, as sessions see them
         self._rr = itertools.count()
         self._message_ids = itertools.count(1)
         self._up = asyncio.Event()  # the connection and channel pool are usable
@@ -97,8 +112,8 @@ class Broker:
         """Tell every server process something (e.g. "release session S")."""
         channel = self.pick_channel()
         try:
-            await channel.basic_publish(body, exchange=CONTROL_EXCHANGE, routing_key="",
-                                        timeout=self.publish_timeout)  # fmt: skip
+            await channel.raw.basic_publish(body, exchange=CONTROL_EXCHANGE, routing_key="",
+                                            timeout=self.publish_timeout)  # fmt: skip
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerError(f"control publish failed: {exc!r}") from exc
 
@@ -183,7 +198,7 @@ class Broker:
         connection.close_callbacks.add(self._connection_closed)
         self._connection = connection
         self._channels = channels
-        self._raw = [await channel.get_underlay_channel() for channel in channels]
+        self._pool = [Channel(await channel.get_underlay_channel()) for channel in channels]
         logger.info("broker connected: {} ({} channels)", self.safe_url, len(channels))
 
     async def _listen_control(self, channel: AbstractChannel) -> None:
@@ -214,7 +229,7 @@ class Broker:
 
     async def _close_connection(self) -> None:
         connection, self._connection, self._channels = self._connection, None, []
-        self._raw = []
+        self._pool = []
         if connection is not None and not connection.is_closed:
             try:
                 await asyncio.wait_for(connection.close(), 5)
@@ -222,21 +237,21 @@ class Broker:
                 pass
 
     # -- per-session queues ----------------------------------------------------
-    # Sessions talk to aiormq's channel directly: aio-pika's Queue, Message and
-    # IncomingMessage objects cost more than the AMQP work they wrap (see
-    # docs/performance.md), and a session needs none of what they add.
-    def pick_channel(self) -> RawChannel:
-        if not self._up.is_set() or not self._raw:
+    # Sessions use aiormq's channel directly, wrapped (see server.broker_channel).
+    def pick_channel(self) -> Channel:
+        """The next pooled channel, round robin, for a session's queue, its
+        publishes and its subscription (Channel.subscribe)."""
+        if not self._up.is_set() or not self._pool:
             raise BrokerError("broker is unreachable")
-        return self._raw[next(self._rr) % len(self._raw)]
+        return self._pool[next(self._rr) % len(self._pool)]
 
-    async def declare_session_queue(self, channel: RawChannel, name: str, max_length: int) -> None:
+    async def declare_session_queue(self, channel: Channel, name: str, max_length: int) -> None:
         """Declare an exclusive, auto-delete queue that refuses publishes past
         ``max_length`` ready messages (instead of dropping the oldest)."""
         try:
             # Bounded here rather than by aiormq's timeout= (a task per RPC).
             async with asyncio.timeout(self.publish_timeout):
-                await channel.queue_declare(
+                await channel.raw.queue_declare(
                     name,
                     exclusive=True,
                     auto_delete=True,
@@ -245,23 +260,24 @@ class Broker:
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             raise BrokerError(f"queue declare failed: {exc}") from exc
 
-    async def delete_queue(self, channel: RawChannel, name: str) -> None:
-        if channel.is_closed:
+    async def delete_queue(self, channel: Channel, name: str) -> None:
+        if channel.raw.is_closed:
             return  # the queue went with its channel's connection
         try:
             async with asyncio.timeout(self.publish_timeout):
-                await channel.queue_delete(name)
+                await channel.raw.queue_delete(name)
         except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
             logger.debug("queue delete {}: {!r}", name, exc)
 
-    async def publish(self, channel: RawChannel, queue: str, body: bytes) -> None:
+    async def publish(self, channel: Channel, queue: str, body: bytes) -> None:
         """Publish one message and wait for its confirm (bounded).
 
         Raises QueueFull on a broker nack (x-overflow reject-publish), BrokerError
         when the broker is unreachable, the confirm does not come in time, or the
         queue no longer exists (message returned as unroutable).
         """
-        if not self._up.is_set() or channel.is_closed:
+        raw = channel.raw
+        if not self._up.is_set() or raw.is_closed:
             raise BrokerError("broker is unreachable")
         try:
             # A message id of our own for every publish: aiormq maps a returned
@@ -269,7 +285,7 @@ class Broker:
             # would otherwise write one into a shared properties object.
             # Transient: the store is what lasts.
             properties = Properties(delivery_mode=1, message_id=str(next(self._message_ids)))
-            await channel.basic_publish(
+            await raw.basic_publish(
                 body, routing_key=queue, properties=properties, mandatory=True,
                 timeout=self.publish_timeout,
             )  # fmt: skip

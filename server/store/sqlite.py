@@ -4,17 +4,7 @@ Why it is built this way:
 
 * Group commit. A commit costs about as much as the work in it (DESIGN.md:
   ~4k requests/s one commit each, 37k/s sixteen at a time), so every write is
-  queued to one writer task. The writer takes everything queued, runs it in one
-  transaction, commits once and then answers each caller. Writes that arrive
-  while a commit runs form the next batch: no timer, and no added latency when
-  only one write is in flight.
-* A batch first runs as one plain transaction. If a write in it fails
-  (UserExists, Fenced, a taken client id), the batch is rolled back and run
-  again with each write in its own SAVEPOINT, so the failing one is rolled
-  back alone and the rest of its batch commits. A
-  failure of the whole transaction (I/O error, full disk, read-only file, the
-  lock not granted within ``busy_timeout``) fails every write of that batch with
-  StoreError; the next batch starts afresh, so the store recovers by itself.
+  queued to one writer task (:class:`.sqlite_writer.GroupCommit`).
 * The whole batch, BEGIN to COMMIT, runs in a writer process of its own
   (:mod:`.sqlite_writer`), sent as one message of ``(function, args)`` pairs.
   On a thread of the server's process each SQLite step waited for the event
@@ -23,20 +13,13 @@ Why it is built this way:
   with StoreError and the next batch starts a new one. Reads run on
   aiosqlite's thread in the server's process, on their own connection: WAL
   shows them only committed data.
-* WAL lets readers go on while another process writes. ``BEGIN IMMEDIATE``
-  takes the write lock up front (a deferred transaction that upgrades later
-  can fail with SQLITE_BUSY without waiting), and ``busy_timeout`` makes it
-  wait for another process's commit instead of failing.
-* synchronous=NORMAL: in WAL mode a commit survives a crash of the process;
-  only an OS crash or power cut can lose the last commits (DESIGN.md's choice).
-  Checkpoints are kept small (``AUTOCHECKPOINT_PAGES``): the commit that runs
-  one holds up every write behind it.
+* How a batch runs (one transaction, a savepoint per write only when one
+  fails) and the writes themselves: :mod:`.sqlite_writes`. The schema, WAL
+  and synchronous=NORMAL: :mod:`.sqlite_schema`.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
 import sqlite3
 import time
@@ -46,8 +29,8 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
+from . import sqlite_writes as writes
 from .base import (
-    Fenced,
     NewRequest,
     RequestRecord,
     RequestState,
@@ -56,76 +39,16 @@ from .base import (
     Store,
     StoreError,
     User,
-    UserExists,
 )
-from .sqlite_writer import Write, WriterProcess
+from .sqlite_schema import REQUEST_COLUMNS, SESSION_COLUMNS, setup
+from .sqlite_writer import GroupCommit, WriterProcess
+from .sqlite_writes import one
 
 T = TypeVar("T")
 
 # Rows deleted per purge transaction, so a big purge never holds the write lock
 # (and every other process's commits) for long.
 PURGE_CHUNK = 5000
-# The commit that crosses this many WAL pages copies them into the database and
-# fsyncs both while every write queued behind it waits. Smaller, more frequent
-# checkpoints keep those stalls short: at 1,000 sessions offered ~1k requests/s
-# (open loop), p99 submit->result was ~35-70 ms at SQLite's default of 1,000
-# pages, ~155 ms at 10,000, and ~20-35 ms at 400, at no cost in throughput.
-# A PASSIVE checkpoint on a second connection's thread did worse (~50-75 ms):
-# its fsyncs stall the writer's own writes anyway.
-AUTOCHECKPOINT_PAGES = 400
-
-SCHEMA = """
-BEGIN IMMEDIATE;
-CREATE TABLE IF NOT EXISTS users (
-    username TEXT NOT NULL,
-    username_lower TEXT NOT NULL UNIQUE,
-    password_hash BLOB NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE IF NOT EXISTS sessions (
-    session_id TEXT PRIMARY KEY,
-    username TEXT NOT NULL,
-    created_at REAL NOT NULL,
-    last_seq INTEGER NOT NULL,
-    owner TEXT,
-    epoch INTEGER NOT NULL,
-    lease_until REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS sessions_owner ON sessions (owner);
-CREATE INDEX IF NOT EXISTS sessions_created ON sessions (created_at);
--- The primary key serves get_request, finals_after and session_counts' max(seq).
-CREATE TABLE IF NOT EXISTS requests (
-    session_id TEXT NOT NULL,
-    seq INTEGER NOT NULL,
-    client_id TEXT NOT NULL,
-    op TEXT NOT NULL,
-    args TEXT NOT NULL,
-    state TEXT NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    failed INTEGER NOT NULL DEFAULT 0,
-    final TEXT,
-    created_at REAL NOT NULL,
-    finished_at REAL,
-    PRIMARY KEY (session_id, seq),
-    UNIQUE (session_id, client_id)
-);
-CREATE INDEX IF NOT EXISTS requests_unfinished ON requests (session_id, seq)
-    WHERE state != 'done';
-CREATE INDEX IF NOT EXISTS requests_purge ON requests (finished_at) WHERE state = 'done';
-CREATE INDEX IF NOT EXISTS requests_failed ON requests (finished_at) WHERE failed = 1;
-CREATE TABLE IF NOT EXISTS kv (
-    username TEXT NOT NULL,
-    key TEXT NOT NULL,
-    value TEXT NOT NULL,
-    PRIMARY KEY (username, key)
-);
-COMMIT;
-"""
-
-REQUEST_COLUMNS = (
-    "session_id, seq, client_id, op, args, state, attempts, failed, final, created_at, finished_at"
-)
-SESSION_COLUMNS = "session_id, username, created_at, last_seq, owner, epoch, lease_until"
 
 
 class SqliteStore(Store):
@@ -134,13 +57,9 @@ class SqliteStore(Store):
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:
         self.path = Path(path)
         self.busy_timeout = busy_timeout
-        self.commits = 0  # transactions the writer committed (tests check the grouping)
         self._db: aiosqlite.Connection | None = None
-        self._pending: list[tuple[Write, asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
         self._process = WriterProcess(self.path, busy_timeout)
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
+        self._group = GroupCommit(self._process, self._failed, name=f"sqlite writer {self.path}")
 
     # -- lifecycle -----------------------------------------------------------
     async def open(self) -> None:
@@ -154,7 +73,7 @@ class SqliteStore(Store):
         except (OSError, sqlite3.Error) as e:
             raise StoreError(f"cannot open {self.path}: {e}") from e
         try:
-            await _call(db, _setup)
+            await _call(db, setup)
         except BaseException as e:
             await db.close()
             if isinstance(e, sqlite3.Error):
@@ -166,20 +85,20 @@ class SqliteStore(Store):
             await db.close()
             raise
         self._db = db
-        self._closing = False
-        self._writer = asyncio.create_task(self._write_loop(), name=f"sqlite writer {self.path}")
+        self._group.start()
 
     async def close(self) -> None:
         if self._db is None:
             return
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer  # drains what is queued
-            self._writer = None
+        await self._group.close()  # drains what is queued
         await self._process.stop()
         db, self._db = self._db, None
         await db.close()
+
+    @property
+    def commits(self) -> int:
+        """Transactions the writer committed (tests check the grouping)."""
+        return self._group.commits
 
     @property
     def writer_pid(self) -> int | None:
@@ -189,53 +108,12 @@ class SqliteStore(Store):
     async def ping(self) -> None:
         await self._read(lambda c: c.execute("SELECT 1").fetchall())
 
-    # -- the writer ----------------------------------------------------------
-    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Queue ``fn(connection, *args)`` for the next batch; return its result
-        once committed. ``fn`` runs in the writer process: a module-level
-        function of this module, its args picklable."""
-        if self._writer is None or self._closing:
-            raise StoreError("the store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(((fn, args), future))
-        self._wakeup.set()
-        return await future
-
-    async def _write_loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch, self._pending = self._pending, []
-            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
-            if batch:
-                await self._commit(batch)
-
-    async def _commit(self, batch: list[tuple[Write, asyncio.Future[Any]]]) -> None:
-        try:
-            outcomes = await self._process.run([write for write, _ in batch])
-        except Exception as e:  # the transaction failed: nothing of the batch is stored
-            self._failed(len(batch))
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(_store_error(e))
-            return
-        except asyncio.CancelledError:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(StoreError("the store's writer was cancelled"))
-            raise
-        self.commits += 1
-        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-            if fut.done():
-                continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+    # -- reads and writes ----------------------------------------------------
+    def _write(self, fn: Callable[..., T], *args: Any) -> Awaitable[T]:
+        """``fn(connection, *args)`` in the next group commit (a write of
+        :mod:`.sqlite_writes`, its args picklable); awaited, its result once
+        committed."""
+        return self._group.write(fn, *args)
 
     async def _read(self, fn: Callable[[sqlite3.Connection], T]) -> T:
         if self._db is None:
@@ -249,12 +127,12 @@ class SqliteStore(Store):
     # -- users ---------------------------------------------------------------
     async def create_user(self, username: str, password_hash: bytes) -> User:
         user = User(username, password_hash, time.time())
-        await self._write(_insert_user, username, password_hash, user.created_at)
+        await self._write(writes.insert_user, username, password_hash, user.created_at)
         return user
 
     async def get_user(self, username: str) -> User | None:
         row = await self._read(
-            lambda c: _one(
+            lambda c: one(
                 c,
                 "SELECT username, password_hash, created_at FROM users WHERE username_lower = ?",
                 (username.lower(),),
@@ -267,12 +145,12 @@ class SqliteStore(Store):
         self, session_id: str, username: str, owner: str, lease_until: float
     ) -> SessionRecord:
         record = SessionRecord(session_id, username, time.time(), 0, owner, 1, lease_until)
-        await self._write(_insert_session, record)
+        await self._write(writes.insert_session, record)
         return record
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         row = await self._read(
-            lambda c: _one(
+            lambda c: one(
                 c, f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = ?", (session_id,)
             )
         )
@@ -294,22 +172,24 @@ class SqliteStore(Store):
     async def claim_session(
         self, session_id: str, owner: str, lease_until: float, now: float
     ) -> int | None:
-        return await self._write(_claim_session, session_id, owner, lease_until, now)
+        return await self._write(writes.claim_session, session_id, owner, lease_until, now)
 
     async def release_session(self, session_id: str, epoch: int) -> bool:
         changed = await self._write(
-            _rowcount,
+            writes.rowcount,
             "UPDATE sessions SET owner = NULL, lease_until = 0 WHERE session_id = ? AND epoch = ?",
             (session_id, epoch),
         )
         return changed == 1
 
     async def renew_session(self, session_id: str, epoch: int, lease_until: float) -> None:
-        await self._write(_renew_session, session_id, epoch, lease_until)
+        await self._write(writes.renew_session, session_id, epoch, lease_until)
 
     async def renew_leases(self, owner: str, lease_until: float) -> int:
         return await self._write(
-            _rowcount, "UPDATE sessions SET lease_until = ? WHERE owner = ?", (lease_until, owner)
+            writes.rowcount,
+            "UPDATE sessions SET lease_until = ? WHERE owner = ?",
+            (lease_until, owner),
         )
 
     # -- requests ------------------------------------------------------------
@@ -319,14 +199,14 @@ class SqliteStore(Store):
         if not requests:
             return
         rows = [(r.seq, r.client_id, r.op, r.args) for r in requests]
-        await self._write(_add_requests, session_id, epoch, rows, now)
+        await self._write(writes.add_requests, session_id, epoch, rows, now)
 
     async def remove_requests(self, session_id: str, epoch: int, seqs: Sequence[int]) -> None:
         if seqs:
-            await self._write(_remove_requests, session_id, epoch, list(seqs))
+            await self._write(writes.remove_requests, session_id, epoch, list(seqs))
 
     async def start_request(self, session_id: str, seq: int, epoch: int) -> int:
-        return await self._write(_start_request, session_id, seq, epoch)
+        return await self._write(writes.start_request, session_id, seq, epoch)
 
     async def finish_request(
         self,
@@ -339,7 +219,7 @@ class SqliteStore(Store):
         start_next: int | None = None,
     ) -> tuple[bool, int | None]:
         return await self._write(
-            _finish_request, session_id, seq, epoch, final, failed, now, start_next
+            writes.finish_request, session_id, seq, epoch, final, failed, now, start_next
         )
 
     async def finish_requests(
@@ -354,7 +234,7 @@ class SqliteStore(Store):
         for seq, final, failed in finals:
             first.setdefault(seq, (final, failed))
         values = [(seq, final, int(failed)) for seq, (final, failed) in first.items()]
-        finished = set(await self._write(_finish_requests, session_id, epoch, values, now))
+        finished = set(await self._write(writes.finish_requests, session_id, epoch, values, now))
         stored = []
         for seq, _, _ in finals:
             stored.append(seq in finished)
@@ -363,7 +243,7 @@ class SqliteStore(Store):
 
     async def get_request(self, session_id: str, seq: int) -> RequestRecord | None:
         row = await self._read(
-            lambda c: _one(
+            lambda c: one(
                 c,
                 f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id = ? AND seq = ?",
                 (session_id, seq),
@@ -373,7 +253,7 @@ class SqliteStore(Store):
 
     async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
         row = await self._read(
-            lambda c: _one(
+            lambda c: one(
                 c,
                 f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id = ? AND client_id = ?",
                 (session_id, client_id),
@@ -417,7 +297,7 @@ class SqliteStore(Store):
 
     async def count_requests(self, session_id: str, after: int, through: int) -> int:
         row = await self._read(
-            lambda c: _one(
+            lambda c: one(
                 c,
                 "SELECT count(*) FROM requests WHERE session_id = ? AND seq > ? AND seq <= ?",
                 (session_id, after, through),
@@ -428,7 +308,7 @@ class SqliteStore(Store):
     async def session_counts(self, session_id: str) -> SessionCounts:
         # One statement, so one snapshot even while other processes commit.
         row = await self._read(
-            lambda c: _one(
+            lambda c: one(
                 c,
                 "SELECT s.last_seq,"
                 " (SELECT count(*) FROM requests r"
@@ -474,7 +354,7 @@ class SqliteStore(Store):
     async def _delete_in_chunks(self, sql: str, before: float) -> int:
         total = 0
         while True:
-            n = await self._write(_rowcount, sql, (before, PURGE_CHUNK))
+            n = await self._write(writes.rowcount, sql, (before, PURGE_CHUNK))
             total += n
             if n < PURGE_CHUNK:
                 return total
@@ -482,7 +362,7 @@ class SqliteStore(Store):
     # -- key-value (per user) ------------------------------------------------
     async def kv_put(self, username: str, key: str, value: str) -> None:
         await self._write(
-            _rowcount,
+            writes.rowcount,
             "INSERT INTO kv (username, key, value) VALUES (?, ?, ?)"
             " ON CONFLICT (username, key) DO UPDATE SET value = excluded.value",
             (username, key, value),
@@ -490,15 +370,13 @@ class SqliteStore(Store):
 
     async def kv_get(self, username: str, key: str) -> str | None:
         row = await self._read(
-            lambda c: _one(
-                c, "SELECT value FROM kv WHERE username = ? AND key = ?", (username, key)
-            )
+            lambda c: one(c, "SELECT value FROM kv WHERE username = ? AND key = ?", (username, key))
         )
         return None if row is None else str(row[0])
 
     async def kv_delete(self, username: str, key: str) -> bool:
         deleted = await self._write(
-            _rowcount, "DELETE FROM kv WHERE username = ? AND key = ?", (username, key)
+            writes.rowcount, "DELETE FROM kv WHERE username = ? AND key = ?", (username, key)
         )
         return deleted == 1
 
@@ -527,247 +405,6 @@ async def _call(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T
     """
     execute = cast(Callable[..., Awaitable[T]], db._execute)
     return await execute(fn, db._conn, *args)
-
-
-# -- set-up and the batch runner (the batch runs in the writer process) -------
-def _configure(c: sqlite3.Connection) -> None:
-    """Per-connection settings (the writer's; WAL mode is the file's, set once)."""
-    c.execute("PRAGMA synchronous = NORMAL")
-    c.execute(f"PRAGMA wal_autocheckpoint = {AUTOCHECKPOINT_PAGES}")
-
-
-def _setup(c: sqlite3.Connection) -> None:
-    # Switching a file to WAL can fail with "database is locked" without
-    # waiting for busy_timeout while another process opens the same new file
-    # (``--workers N`` all start at once): only switch when needed, and retry.
-    for delay in (0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 0):
-        try:
-            if c.execute("PRAGMA journal_mode").fetchone()[0].lower() != "wal":
-                c.execute("PRAGMA journal_mode = WAL")
-            break
-        except sqlite3.OperationalError as e:
-            if "locked" not in str(e) or not delay:
-                raise
-            time.sleep(delay)  # on aiosqlite's thread, at start-up
-    _configure(c)
-    c.executescript(SCHEMA)
-
-
-def _run_batch(c: sqlite3.Connection, ops: Sequence[Write]) -> list[tuple[bool, Any]]:
-    """Run ``ops`` (the writer process's batch: ``(function, args)`` pairs) in
-    one transaction and commit once (each op in its own savepoint when one of
-    them fails; see the module docstring).
-
-    Returns (True, result) or (False, exception) per op. Raises if the
-    transaction as a whole fails; nothing of the batch is stored then.
-    """
-    if c.in_transaction:  # a ROLLBACK that failed last time must not wedge the store
-        c.execute("ROLLBACK")
-    # Almost every batch succeeds whole: run it without a savepoint per op
-    # (two SQLite steps each). If an op fails, roll back and run the batch
-    # again the careful way, each op in its own savepoint.
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        results = [fn(c, *args) for fn, args in ops]
-        c.execute("COMMIT")
-        return [(True, result) for result in results]
-    except BaseException as e:
-        _rollback(c)
-        if not isinstance(e, Exception):
-            raise
-        # One op failed (or the whole transaction did: then it fails again below).
-    outcomes: list[tuple[bool, Any]] = []
-    c.execute("BEGIN IMMEDIATE")
-    try:
-        for fn, args in ops:
-            c.execute("SAVEPOINT op")
-            try:
-                outcomes.append((True, fn(c, *args)))
-            except Exception as e:
-                if not c.in_transaction:  # SQLite rolled back everything (I/O error, full disk)
-                    raise
-                c.execute("ROLLBACK TO op")
-                outcomes.append((False, _store_error(e)))
-            c.execute("RELEASE op")
-        c.execute("COMMIT")
-    except BaseException:
-        _rollback(c)
-        raise
-    return outcomes
-
-
-def _rollback(c: sqlite3.Connection) -> None:
-    if c.in_transaction:
-        with contextlib.suppress(sqlite3.Error):
-            c.execute("ROLLBACK")
-
-
-def _store_error(e: Exception) -> Exception:
-    if isinstance(e, sqlite3.Error):
-        error = StoreError(f"sqlite: {e}")
-        error.__cause__ = e
-        return error
-    return e
-
-
-def _one(c: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
-    # fetchall, not fetchone: it finishes the statement (an UPDATE ... RETURNING
-    # left open would block the RELEASE/COMMIT that follows).
-    rows = c.execute(sql, params).fetchall()
-    return rows[0] if rows else None
-
-
-def _check_epoch(c: sqlite3.Connection, session_id: str, epoch: int) -> None:
-    row = _one(c, "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,))
-    if row is None or row[0] != epoch:
-        current = None if row is None else row[0]
-        raise Fenced(f"session {session_id}: epoch {epoch} is not current ({current})")
-
-
-# -- the writes, run by the writer process (sent by reference, with their args)
-def _rowcount(c: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
-    return c.execute(sql, params).rowcount
-
-
-def _renew_session(c: sqlite3.Connection, session_id: str, epoch: int, lease_until: float) -> None:
-    sql = "UPDATE sessions SET lease_until = ? WHERE session_id = ? AND epoch = ?"
-    if c.execute(sql, (lease_until, session_id, epoch)).rowcount != 1:
-        _check_epoch(c, session_id, epoch)
-        raise Fenced(f"session {session_id}: epoch {epoch} is not current")
-
-
-def _insert_user(
-    c: sqlite3.Connection, username: str, password_hash: bytes, created_at: float
-) -> None:
-    try:
-        c.execute(
-            "INSERT INTO users (username, username_lower, password_hash, created_at)"
-            " VALUES (?, ?, ?, ?)",
-            (username, username.lower(), password_hash, created_at),
-        )
-    except sqlite3.IntegrityError as e:
-        raise UserExists(username) from e
-
-
-def _insert_session(c: sqlite3.Connection, r: SessionRecord) -> None:
-    try:
-        c.execute(
-            f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
-            (r.session_id, r.username, r.created_at, r.last_seq, r.owner, r.epoch, r.lease_until),
-        )
-    except sqlite3.IntegrityError as e:
-        raise StoreError(f"session {r.session_id} exists") from e
-
-
-def _claim_session(
-    c: sqlite3.Connection, session_id: str, owner: str, lease_until: float, now: float
-) -> int | None:
-    row = _one(
-        c,
-        "UPDATE sessions SET owner = ?, lease_until = ?, epoch = epoch + 1"
-        " WHERE session_id = ? AND (owner IS NULL OR lease_until < ? OR owner = ?)"
-        " RETURNING epoch",
-        (owner, lease_until, session_id, now, owner),
-    )
-    return None if row is None else int(row[0])
-
-
-def _add_requests(
-    c: sqlite3.Connection,
-    session_id: str,
-    epoch: int,
-    rows: Sequence[tuple[int, str, str, str]],
-    now: float,
-) -> None:
-    _check_epoch(c, session_id, epoch)
-    # One statement for the whole batch rather than one per row.
-    sql = (
-        "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at) VALUES "
-        + ",".join(["(?, ?, ?, ?, ?, 'queued', ?)"] * len(rows))
-    )
-    params = [
-        v for seq, client_id, op, args in rows for v in (session_id, seq, client_id, op, args, now)
-    ]
-    try:
-        c.execute(sql, params)
-    except sqlite3.IntegrityError as e:
-        raise StoreError(f"session {session_id}: a seq or client id is taken") from e
-    c.execute(
-        "UPDATE sessions SET last_seq = max(last_seq, ?) WHERE session_id = ?",
-        (max(row[0] for row in rows), session_id),
-    )
-
-
-def _remove_requests(
-    c: sqlite3.Connection, session_id: str, epoch: int, seqs: Sequence[int]
-) -> None:
-    _check_epoch(c, session_id, epoch)
-    c.executemany(
-        "DELETE FROM requests WHERE session_id = ? AND seq = ? AND state = 'queued'",
-        [(session_id, seq) for seq in seqs],
-    )
-    row = _one(c, "SELECT max(seq) FROM requests WHERE session_id = ?", (session_id,))
-    highest = row[0] if row and row[0] is not None else 0
-    c.execute(
-        "UPDATE sessions SET last_seq = min(last_seq, ?) WHERE session_id = ?",
-        (max(highest, min(seqs) - 1), session_id),
-    )
-
-
-def _start_request(c: sqlite3.Connection, session_id: str, seq: int, epoch: int) -> int:
-    _check_epoch(c, session_id, epoch)
-    return _start(c, session_id, seq)
-
-
-def _finish_request(
-    c: sqlite3.Connection,
-    session_id: str,
-    seq: int,
-    epoch: int | None,
-    final: str,
-    failed: bool,
-    now: float,
-    start_next: int | None,
-) -> tuple[bool, int | None]:
-    if epoch is not None:
-        _check_epoch(c, session_id, epoch)
-    cur = c.execute(
-        "UPDATE requests SET state = 'done', final = ?, failed = ?, finished_at = ?"
-        " WHERE session_id = ? AND seq = ? AND state != 'done'",
-        (final, int(failed), now, session_id, seq),
-    )
-    started = None if start_next is None else _start(c, session_id, start_next)
-    return cur.rowcount == 1, started
-
-
-def _finish_requests(
-    c: sqlite3.Connection,
-    session_id: str,
-    epoch: int,
-    values: Sequence[tuple[int, str, int]],
-    now: float,
-) -> list[int]:
-    """Finish the given (seq, final, failed) rows, each seq given once, with
-    one UPDATE from a VALUES list; return the seqs it finished."""
-    _check_epoch(c, session_id, epoch)
-    sql = (
-        "UPDATE requests SET state = 'done', final = v.column2, failed = v.column3,"
-        " finished_at = ? FROM (VALUES " + ",".join(["(?, ?, ?)"] * len(values)) + ") AS v"
-        " WHERE requests.session_id = ? AND requests.seq = v.column1"
-        " AND requests.state != 'done' RETURNING requests.seq"
-    )
-    params = [now, *(v for row in values for v in row), session_id]
-    return [row[0] for row in c.execute(sql, params).fetchall()]
-
-
-def _start(c: sqlite3.Connection, session_id: str, seq: int) -> int:
-    row = _one(
-        c,
-        "UPDATE requests SET state = 'running', attempts = attempts + 1"
-        " WHERE session_id = ? AND seq = ? AND state != 'done' RETURNING attempts",
-        (session_id, seq),
-    )
-    return 0 if row is None else int(row[0])
 
 
 def _request(row: Sequence[Any]) -> RequestRecord:

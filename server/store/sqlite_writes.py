@@ -1,0 +1,250 @@
+"""The SQLite store's writes: the batch runner and the module-level write
+functions it runs. They run in the writer process (:mod:`.sqlite_writer`);
+the store (:mod:`.sqlite`) names them in the batches it sends, where they are
+pickled by reference with their args. Only :func:`one` also serves the
+store's reads.
+
+* A batch first runs as one plain transaction. If a write in it fails
+  (UserExists, Fenced, a taken client id), the batch is rolled back and run
+  again with each write in its own SAVEPOINT, so the failing one is rolled
+  back alone and the rest of its batch commits. A failure of the whole
+  transaction (I/O error, full disk, read-only file, the lock not granted
+  within ``busy_timeout``) fails every write of that batch with StoreError;
+  the next batch starts afresh, so the store recovers by itself.
+* ``BEGIN IMMEDIATE`` takes the write lock up front (a deferred transaction
+  that upgrades later can fail with SQLITE_BUSY without waiting), and the
+  connection's ``busy_timeout`` makes it wait for another process's commit
+  instead of failing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from .base import Fenced, SessionRecord, StoreError, UserExists
+from .sqlite_schema import SESSION_COLUMNS
+
+# One write of a batch: a function of this module and its args; it is called
+# as ``function(connection, *args)``.
+Write = tuple[Callable[..., Any], tuple[Any, ...]]
+
+
+# -- the batch runner ----------------------------------------------------------
+def run_batch(c: sqlite3.Connection, ops: Sequence[Write]) -> list[tuple[bool, Any]]:
+    """Run ``ops`` (the writer process's batch: ``(function, args)`` pairs) in
+    one transaction and commit once (each op in its own savepoint when one of
+    them fails; see the module docstring).
+
+    Returns (True, result) or (False, exception) per op. Raises if the
+    transaction as a whole fails; nothing of the batch is stored then.
+    """
+    if c.in_transaction:  # a ROLLBACK that failed last time must not wedge the store
+        c.execute("ROLLBACK")
+    # Almost every batch succeeds whole: run it without a savepoint per op
+    # (two SQLite steps each). If an op fails, roll back and run the batch
+    # again the careful way, each op in its own savepoint.
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        results = [fn(c, *args) for fn, args in ops]
+        c.execute("COMMIT")
+        return [(True, result) for result in results]
+    except BaseException as e:
+        _rollback(c)
+        if not isinstance(e, Exception):
+            raise
+        # One op failed (or the whole transaction did: then it fails again below).
+    outcomes: list[tuple[bool, Any]] = []
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        for fn, args in ops:
+            c.execute("SAVEPOINT op")
+            try:
+                outcomes.append((True, fn(c, *args)))
+            except Exception as e:
+                if not c.in_transaction:  # SQLite rolled back everything (I/O error, full disk)
+                    raise
+                c.execute("ROLLBACK TO op")
+                outcomes.append((False, store_error(e)))
+            c.execute("RELEASE op")
+        c.execute("COMMIT")
+    except BaseException:
+        _rollback(c)
+        raise
+    return outcomes
+
+
+def _rollback(c: sqlite3.Connection) -> None:
+    if c.in_transaction:
+        with contextlib.suppress(sqlite3.Error):
+            c.execute("ROLLBACK")
+
+
+def store_error(e: Exception) -> Exception:
+    if isinstance(e, sqlite3.Error):
+        error = StoreError(f"sqlite: {e}")
+        error.__cause__ = e
+        return error
+    return e
+
+
+def one(c: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
+    # fetchall, not fetchone: it finishes the statement (an UPDATE ... RETURNING
+    # left open would block the RELEASE/COMMIT that follows).
+    rows = c.execute(sql, params).fetchall()
+    return rows[0] if rows else None
+
+
+def check_epoch(c: sqlite3.Connection, session_id: str, epoch: int) -> None:
+    row = one(c, "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,))
+    if row is None or row[0] != epoch:
+        current = None if row is None else row[0]
+        raise Fenced(f"session {session_id}: epoch {epoch} is not current ({current})")
+
+
+# -- the writes (sent by reference, with their args) -------------------------
+def rowcount(c: sqlite3.Connection, sql: str, params: Sequence[Any]) -> int:
+    return c.execute(sql, params).rowcount
+
+
+def renew_session(c: sqlite3.Connection, session_id: str, epoch: int, lease_until: float) -> None:
+    sql = "UPDATE sessions SET lease_until = ? WHERE session_id = ? AND epoch = ?"
+    if c.execute(sql, (lease_until, session_id, epoch)).rowcount != 1:
+        check_epoch(c, session_id, epoch)
+        raise Fenced(f"session {session_id}: epoch {epoch} is not current")
+
+
+def insert_user(
+    c: sqlite3.Connection, username: str, password_hash: bytes, created_at: float
+) -> None:
+    try:
+        c.execute(
+            "INSERT INTO users (username, username_lower, password_hash, created_at)"
+            " VALUES (?, ?, ?, ?)",
+            (username, username.lower(), password_hash, created_at),
+        )
+    except sqlite3.IntegrityError as e:
+        raise UserExists(username) from e
+
+
+def insert_session(c: sqlite3.Connection, r: SessionRecord) -> None:
+    try:
+        c.execute(
+            f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (r.session_id, r.username, r.created_at, r.last_seq, r.owner, r.epoch, r.lease_until),
+        )
+    except sqlite3.IntegrityError as e:
+        raise StoreError(f"session {r.session_id} exists") from e
+
+
+def claim_session(
+    c: sqlite3.Connection, session_id: str, owner: str, lease_until: float, now: float
+) -> int | None:
+    row = one(
+        c,
+        "UPDATE sessions SET owner = ?, lease_until = ?, epoch = epoch + 1"
+        " WHERE session_id = ? AND (owner IS NULL OR lease_until < ? OR owner = ?)"
+        " RETURNING epoch",
+        (owner, lease_until, session_id, now, owner),
+    )
+    return None if row is None else int(row[0])
+
+
+def add_requests(
+    c: sqlite3.Connection,
+    session_id: str,
+    epoch: int,
+    rows: Sequence[tuple[int, str, str, str]],
+    now: float,
+) -> None:
+    check_epoch(c, session_id, epoch)
+    # One statement for the whole batch rather than one per row.
+    sql = (
+        "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at) VALUES "
+        + ",".join(["(?, ?, ?, ?, ?, 'queued', ?)"] * len(rows))
+    )
+    params = [
+        v for seq, client_id, op, args in rows for v in (session_id, seq, client_id, op, args, now)
+    ]
+    try:
+        c.execute(sql, params)
+    except sqlite3.IntegrityError as e:
+        raise StoreError(f"session {session_id}: a seq or client id is taken") from e
+    c.execute(
+        "UPDATE sessions SET last_seq = max(last_seq, ?) WHERE session_id = ?",
+        (max(row[0] for row in rows), session_id),
+    )
+
+
+def remove_requests(
+    c: sqlite3.Connection, session_id: str, epoch: int, seqs: Sequence[int]
+) -> None:
+    check_epoch(c, session_id, epoch)
+    c.executemany(
+        "DELETE FROM requests WHERE session_id = ? AND seq = ? AND state = 'queued'",
+        [(session_id, seq) for seq in seqs],
+    )
+    row = one(c, "SELECT max(seq) FROM requests WHERE session_id = ?", (session_id,))
+    highest = row[0] if row and row[0] is not None else 0
+    c.execute(
+        "UPDATE sessions SET last_seq = min(last_seq, ?) WHERE session_id = ?",
+        (max(highest, min(seqs) - 1), session_id),
+    )
+
+
+def start_request(c: sqlite3.Connection, session_id: str, seq: int, epoch: int) -> int:
+    check_epoch(c, session_id, epoch)
+    return _start(c, session_id, seq)
+
+
+def finish_request(
+    c: sqlite3.Connection,
+    session_id: str,
+    seq: int,
+    epoch: int | None,
+    final: str,
+    failed: bool,
+    now: float,
+    start_next: int | None,
+) -> tuple[bool, int | None]:
+    if epoch is not None:
+        check_epoch(c, session_id, epoch)
+    cur = c.execute(
+        "UPDATE requests SET state = 'done', final = ?, failed = ?, finished_at = ?"
+        " WHERE session_id = ? AND seq = ? AND state != 'done'",
+        (final, int(failed), now, session_id, seq),
+    )
+    started = None if start_next is None else _start(c, session_id, start_next)
+    return cur.rowcount == 1, started
+
+
+def finish_requests(
+    c: sqlite3.Connection,
+    session_id: str,
+    epoch: int,
+    values: Sequence[tuple[int, str, int]],
+    now: float,
+) -> list[int]:
+    """Finish the given (seq, final, failed) rows, each seq given once, with
+    one UPDATE from a VALUES list; return the seqs it finished."""
+    check_epoch(c, session_id, epoch)
+    sql = (
+        "UPDATE requests SET state = 'done', final = v.column2, failed = v.column3,"
+        " finished_at = ? FROM (VALUES " + ",".join(["(?, ?, ?)"] * len(values)) + ") AS v"
+        " WHERE requests.session_id = ? AND requests.seq = v.column1"
+        " AND requests.state != 'done' RETURNING requests.seq"
+    )
+    params = [now, *(v for row in values for v in row), session_id]
+    return [row[0] for row in c.execute(sql, params).fetchall()]
+
+
+def _start(c: sqlite3.Connection, session_id: str, seq: int) -> int:
+    row = one(
+        c,
+        "UPDATE requests SET state = 'running', attempts = attempts + 1"
+        " WHERE session_id = ? AND seq = ? AND state != 'done' RETURNING attempts",
+        (session_id, seq),
+    )
+    return 0 if row is None else int(row[0])
