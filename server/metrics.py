@@ -64,6 +64,8 @@ FINAL_OUTCOMES = ("result", "handler_error", "timeout", "cancelled", "crashed")
 CONSUMER_FAILURE_CAUSES = ("error", "fenced")
 TAKEOVER_HOWS = ("resume", "adopt")
 AUTH_METHODS = ("handshake", "auth", "login", "register")
+# The store calls on every request's path (the op label is the store method).
+STORE_OPS = ("add_requests", "start_request", "finish_requests", "claim_session", "renew_leases")
 
 # Latency buckets shared by the short waits (store, publish): 100 us to 10 s.
 _SHORT = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
@@ -145,6 +147,8 @@ def prime(ops: Iterable[str] = ()) -> None:
         session_takeovers.labels(how)
     for method in AUTH_METHODS:
         auth_total.labels(method, "ok")
+    for store_op in STORE_OPS:
+        _store_time(store_op)
     for op in ops:
         run_time(op)
         for outcome in FINAL_OUTCOMES:
@@ -195,8 +199,9 @@ def observe_queue_wait(seconds: float) -> None:
 
 
 def observe_store(op: str, seconds: float) -> None:
-    """One store call named ``op`` (the store method, e.g. ``add_requests``)
-    took ``seconds``; a group commit is one call."""
+    """One store call took ``seconds``; ``op`` is the store method's name
+    (``add_requests``, ``finish_requests``, ...: a bounded set). A group
+    commit is one call."""
     _store_time(op).observe(seconds)
 
 
