@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import websockets
-from conftest import BROKER_URL, PASSWORD, UNIT, Client, finals_of, unique_name
+from conftest import BROKER_URL, PASSWORD, UNIT, Client, finals_of, unique_name, until
 from prometheus_client.multiprocess import MultiProcessCollector
 
 from server.metrics import DIR_PREFIX
@@ -100,13 +100,9 @@ async def _drive(port: int, n: int) -> None:
         await client.close()
 
 
-async def test_every_scrape_shows_the_total_of_both_workers(
-    workers: tuple[asyncio.subprocess.Process, int, Path],
-) -> None:
-    proc, port, tmp = workers
-    (metrics_dir,) = tmp.glob(f"{DIR_PREFIX}*")
-
-    # Connections land on either worker; open more until both have accepted some.
+async def _load_both(port: int, metrics_dir: Path) -> tuple[int, dict[str, float]]:
+    """Connections land on either worker: open more until both have accepted
+    some. Returns the total accepted and each worker's share (by pid)."""
     total = 0
     for _ in range(10):
         await asyncio.gather(*(_drive(port, PER_CONNECTION) for _ in range(CONNECTIONS)))
@@ -116,6 +112,15 @@ async def test_every_scrape_shows_the_total_of_both_workers(
             break
     assert len(per_worker) == 2 and all(per_worker.values()), per_worker
     assert sum(per_worker.values()) == total
+    return total, per_worker
+
+
+async def test_every_scrape_shows_the_total_of_both_workers(
+    workers: tuple[asyncio.subprocess.Process, int, Path],
+) -> None:
+    proc, port, tmp = workers
+    (metrics_dir,) = tmp.glob(f"{DIR_PREFIX}*")
+    total, _ = await _load_both(port, metrics_dir)
 
     for _ in range(SCRAPES):
         text = await asyncio.to_thread(_scrape, port)
@@ -132,3 +137,25 @@ async def test_every_scrape_shows_the_total_of_both_workers(
     assert await asyncio.wait_for(proc.wait(), 4 * UNIT) == 0
     assert not metrics_dir.exists()
     assert not list(tmp.glob(f"{DIR_PREFIX}*"))
+
+
+async def test_a_dead_worker_keeps_its_counts_and_leaves_the_live_gauges(
+    workers: tuple[asyncio.subprocess.Process, int, Path],
+) -> None:
+    proc, port, tmp = workers
+    (metrics_dir,) = tmp.glob(f"{DIR_PREFIX}*")
+    total, per_worker = await _load_both(port, metrics_dir)
+    dead = min(per_worker)
+    os.kill(int(dead), signal.SIGKILL)
+    # The parent marks it dead: its live gauges (connections, sessions,
+    # pending, broker_up) leave the sums; its counters stay.
+    await until(lambda: not list(metrics_dir.glob(f"gauge_live*_{dead}.db")), 4 * UNIT, 0.05)
+    assert (metrics_dir / f"counter_{dead}.db").exists()
+    for _ in range(5):  # every scrape now reaches the surviving worker
+        text = await asyncio.to_thread(_scrape, port)
+        assert _value(text, "sessionq_requests_accepted_total") == total
+        assert _value(text, "sessionq_broker_up") == 1
+        assert _value(text, "sessionq_connections") == 0
+    proc.send_signal(signal.SIGTERM)
+    await asyncio.wait_for(proc.wait(), 4 * UNIT)
+    assert not metrics_dir.exists()
