@@ -71,9 +71,7 @@ STORE_OPS = ("add_requests", "start_request", "finish_requests", "claim_session"
 _SHORT = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1,
           2.5, 10)  # fmt: skip
 
-connections = Gauge(
-    f"{NS}_connections", "Open WebSocket connections", multiprocess_mode="livesum"
-)
+connections = Gauge(f"{NS}_connections", "Open WebSocket connections", multiprocess_mode="livesum")
 sessions = Gauge(
     f"{NS}_sessions",
     "Sessions this process owns, by state",

@@ -26,7 +26,9 @@ def promtool(*args: str) -> subprocess.CompletedProcess[str]:
 
 
 def alert_names() -> set[str]:
-    return set(re.findall(r"^\s*- alert: (\w+)$", (PROMETHEUS_DIR / "alerts.yml").read_text(), re.M))
+    return set(
+        re.findall(r"^\s*- alert: (\w+)$", (PROMETHEUS_DIR / "alerts.yml").read_text(), re.M)
+    )
 
 
 def test_the_rules_and_the_compose_config_that_loads_them_are_valid() -> None:

@@ -160,9 +160,16 @@ def test_the_dashboard_has_the_panels_the_operators_need() -> None:
     titles = {title for _, title, _ in panel_queries()}
     exprs = " ".join(expr for _, _, expr in panel_queries())
     assert DASHBOARDS and len(titles) > 20
-    for family in ("queue_wait_seconds", "pending_requests", "sessions", "store_seconds",
-                   "publish_seconds", "session_takeovers_total", "requests_refused_total"):
-        assert f"sessionq_{family}" in exprs, family  # fmt: skip
+    for family in (
+        "queue_wait_seconds",
+        "pending_requests",
+        "sessions",
+        "store_seconds",
+        "publish_seconds",
+        "session_takeovers_total",
+        "requests_refused_total",
+    ):
+        assert f"sessionq_{family}" in exprs, family
 
 
 async def test_every_panel_query_returns_data_and_no_alert_fires(
