@@ -20,9 +20,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import UNIT, Client, ClientFactory, ServerFactory, finals_of, until
+from conftest import UNIT, Client, ClientFactory, finals_of, until
 
 from server import metrics
+from server.app import Server
 
 ROOT = Path(__file__).parent.parent
 DASHBOARDS = sorted((ROOT / "compose" / "grafana" / "dashboards").glob("*.json"))
@@ -96,13 +97,12 @@ class Prometheus:
 
 
 @pytest.fixture
-async def prometheus(tmp_path: Path, server_factory: ServerFactory) -> AsyncIterator[Prometheus]:
+async def prometheus(tmp_path: Path, server: Server) -> AsyncIterator[Prometheus]:
     """Debian's Prometheus scraping a live server every second (never the
     package's own service on :9090: a free port and a storage of its own)."""
     exe = shutil.which("prometheus")
     if exe is None:
         pytest.fail("prometheus is missing: scripts/sessionq test installs Debian's package")
-    server = await server_factory()
     metrics.prime(server.registry.names())  # what `sessionq serve` does at start
     port = free_port()
     config = tmp_path / "prometheus.yml"
