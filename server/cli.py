@@ -17,6 +17,7 @@ import asyncio
 import gc
 import getpass
 import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import socket
@@ -120,23 +121,43 @@ def serve(args: argparse.Namespace) -> int:
     sock.bind((settings.host, settings.port))  # resolves port 0 once for all workers
     port = sock.getsockname()[1]
     settings = settings.replace(port=port)
-    ctx = multiprocessing.get_context("spawn")
-    procs = [ctx.Process(target=_worker_main, args=(settings,)) for _ in range(settings.workers)]
-    for proc in procs:
-        proc.start()
-    sock.close()
+    from server import metrics
 
-    def forward(signum: int, _frame: Any) -> None:
+    # One /metrics for all workers: the workers write their metrics to files
+    # in a directory made fresh for this run and named in the environment
+    # they inherit; spawned workers import prometheus_client only after that.
+    with metrics.shared_across_workers() as metrics_dir:
+        ctx = multiprocessing.get_context("spawn")
+        procs = [
+            ctx.Process(target=_worker_main, args=(settings,)) for _ in range(settings.workers)
+        ]
         for proc in procs:
-            if proc.pid is not None:
-                os.kill(proc.pid, signum)
+            proc.start()
+        sock.close()
 
-    signal.signal(signal.SIGTERM, forward)
-    signal.signal(signal.SIGINT, forward)
+        def forward(signum: int, _frame: Any) -> None:
+            for proc in procs:
+                if proc.pid is not None and proc.exitcode is None:
+                    os.kill(proc.pid, signum)
+
+        signal.signal(signal.SIGTERM, forward)
+        signal.signal(signal.SIGINT, forward)
+        return _wait_workers(procs, metrics_dir)
+
+
+def _wait_workers(procs: list[Any], metrics_dir: str) -> int:
+    """Wait for every worker, in the order they end; each one gone is marked
+    dead at once, so its live gauges leave the sums the others serve."""
+    from server import metrics
+
+    running: dict[Any, Any] = {proc.sentinel: proc for proc in procs}
     codes = []
-    for proc in procs:
-        proc.join()
-        codes.append(proc.exitcode or 0)
+    while running:
+        for sentinel in multiprocessing.connection.wait(list(running)):
+            proc = running.pop(sentinel)
+            proc.join()
+            metrics.worker_exited(proc.pid, metrics_dir)
+            codes.append(proc.exitcode or 0)
     return max(codes)
 
 
@@ -170,12 +191,15 @@ def _run_worker(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
+    from server import metrics
     from server.app import Server
     from server.store import StoreError
 
     server = Server(settings)
     try:
         await server.start()
+        # Known label values from the start: a healthy server shows zeros.
+        metrics.prime(server.registry.names())
         # Long-lived objects from start-up need no more collection passes, and
         # a higher first threshold makes the young-generation passes (several
         # percent of the request path) rarer.
