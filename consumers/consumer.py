@@ -45,10 +45,10 @@ from consumers.ports import Delivery, Finisher, Observer, SessionPort, Subscribe
 from consumers.registry import Operation, OpError, Registry
 from consumers.results import ResultPipeline
 from protocol import ErrorCode, encode_error, encode_progress, encode_result
-from server.broker_message import decode_batch, encode_batch
+from server.broker_message import decode_batch
 
 # Their homes are consumers.ports and server.broker_message; kept importable here.
-__all__ = ["Finisher", "Observer", "SessionConsumer", "SessionPort", "encode_batch"]
+__all__ = ["Finisher", "Observer", "SessionConsumer", "SessionPort"]
 
 MAX_GROUP = 64  # delivered messages run as one unit
 

@@ -118,6 +118,9 @@ class Server:
         if self.registry.get("echo") is None:
             register_builtins(self.registry)
         self.registry.load(settings.ops)
+        # Known label values from the start: a healthy server shows zeros.
+        metrics.prime(self.registry.names())
+        self.store.instrument(metrics.observe_store, metrics.STORE_OPS)
         # spawn, not fork: a forked pool process would keep copies of every
         # descriptor open at that moment (listening sockets, the SQLite
         # writer's pipe, which then never sees EOF). And a pool process waits
@@ -156,6 +159,7 @@ class Server:
         self._spawn(self.directory.renew_leases(), "leases")
         self._spawn(self._purge(), "purge")
         self._spawn(self.directory.adopt_orphans(), "orphans")
+        self._spawn(self.directory.sample_pending(), "pending")
         self._spawn(keepalive(self.open_sockets, settings.keepalive), "keepalive")
         logger.info("sessionq serving on {}:{} as {}", settings.host, self.port, self.owner)
 

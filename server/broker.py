@@ -44,12 +44,8 @@ __all__ = [
     "Channel",
     "Delivery",
     "QueueFull",
-    "RawChannel",
     "Subscription",
 ]
-
-# The name session.py knows a pooled channel by; it is a Channel now.
-RawChannel = Channel
 
 
 class BrokerError(Exception):

@@ -191,15 +191,12 @@ def _run_worker(settings: Settings) -> int:
 
 
 async def _serve(settings: Settings) -> int:
-    from server import metrics
     from server.app import Server
     from server.store import StoreError
 
     server = Server(settings)
     try:
         await server.start()
-        # Known label values from the start: a healthy server shows zeros.
-        metrics.prime(server.registry.names())
         # Long-lived objects from start-up need no more collection passes, and
         # a higher first threshold makes the young-generation passes (several
         # percent of the request path) rarer.

@@ -132,7 +132,7 @@ class Connection:
 
     async def close_now(self, code: int, reason: str) -> None:
         """Send what is queued (bounded), then close with ``code``."""
-        metrics.closes.labels(str(code)).inc()
+        metrics.closed(code)
         await self.outbox.flush()
         await self.ws.close(code, reason)
 

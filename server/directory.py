@@ -101,13 +101,11 @@ class SessionDirectory:
         )  # fmt: skip
         session.careful = careful
         self.sessions[session_id] = session
-        metrics.sessions_live.labels("live").set(len(self.sessions))
         return session
 
     def _session_closed(self, session: Session) -> None:
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
-            metrics.sessions_live.labels("live").set(len(self.sessions))
 
     async def stop_sessions(self, grace: float) -> None:
         """Shutdown: no more adoptions; running requests get ``grace`` seconds,
@@ -170,6 +168,7 @@ class SessionDirectory:
                 close = local.close_connection
                 local.outbox, local.close_connection = None, None
                 close(CloseCode.TAKEN_OVER, "session resumed elsewhere")
+                metrics.takeover("resume")
             return local
         record = await self.store.get_session(session_id)
         if record is None or record.username.lower() != username.lower():
@@ -178,6 +177,7 @@ class SessionDirectory:
         record = await self.store.get_session(session_id)
         assert record is not None
         session = self._make_session(session_id, record.username, epoch, record.last_seq)
+        metrics.takeover("resume")
         await session.take_up()
         return session
 
@@ -239,6 +239,13 @@ class SessionDirectory:
             except StoreError as exc:
                 logger.warning("lease renewal failed: {}", exc)
 
+    async def sample_pending(self, every: float = 1.0) -> None:
+        """Keep ``sessionq_pending_requests`` current: the sessions' unfinished
+        requests, counted each ``every`` seconds (off the request path)."""
+        while True:
+            metrics.pending_requests.set(sum(len(s.unfinished) for s in self.sessions.values()))
+            await asyncio.sleep(every)
+
     # -- orphans -----------------------------------------------------------------------
     async def adopt_orphans(self) -> None:
         """Sessions with accepted work and no live owner (their process died
@@ -267,6 +274,7 @@ class SessionDirectory:
         session = self._make_session(
             session_id, record.username, epoch, record.last_seq, attached=False
         )
+        metrics.takeover("adopt")
         work = await session.take_up()
         if not session.unfinished:
             session.detach(None)

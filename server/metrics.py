@@ -78,7 +78,6 @@ sessions = Gauge(
     ["state"],
     multiprocess_mode="livesum",
 )
-sessions_live = sessions  # the former name, still used by server/app.py
 pending_requests = Gauge(
     f"{NS}_pending_requests",
     "Unfinished requests of the sessions this process owns",
@@ -226,11 +225,6 @@ def session_moved(old: str | None, new: str | None) -> None:
         _sessions_in[old].dec()
     if new in _sessions_in:
         _sessions_in[new].inc()
-
-
-def pending_changed(delta: int) -> None:
-    """Unfinished requests of the sessions owned here went up or down by ``delta``."""
-    pending_requests.inc(delta)
 
 
 def closed(code: int) -> None:

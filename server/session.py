@@ -26,7 +26,7 @@ from consumers.consumer import SessionConsumer
 from consumers.registry import BadArgs, Registry
 from protocol import CloseCode, ErrorCode, Submit, encode_error
 from server import metrics
-from server.broker import Broker, BrokerError, RawChannel
+from server.broker import Broker, BrokerError, Channel
 from server.errors import error_frame
 from server.session_core import BEGIN_CLOSE, START_PUMP, Command, Refuse, SessionCore
 from server.session_pump import SubmitPump
@@ -72,16 +72,19 @@ class Session:
             session_id, settings.max_pending, self._check_op,
             max_submits_per_second=settings.max_submits_per_second,
             batch_max=settings.batch_max, last_seq=last_seq, attached=attached,
+            on_move=metrics.session_moved,
         )  # fmt: skip
+        metrics.session_moved(None, self.core.state)
         self.outbox: Outbox | None = None
         self.close_connection: Callable[[int, str], None] | None = None
         self.careful = False  # taken from an owner that died (see SessionPort.careful)
-        self.channel: RawChannel | None = None
+        self.channel: Channel | None = None
         self.queue_name: str | None = None
         self.consumer: SessionConsumer | None = None
         self.recovery = Recovery(self)
         self.pump = SubmitPump(self)
         self._accept_waiter: tuple[int, asyncio.Future[bool]] | None = None
+        self._accepted_at: dict[int, float] = {}  # seq -> when accepted (queue wait)
         self._closer: asyncio.Task[None] | None = None
         self._giving_up: asyncio.Task[None] | None = None
         self._close_settled = asyncio.Event()  # no close under way (done or called off)
@@ -133,7 +136,7 @@ class Session:
             elif command is BEGIN_CLOSE:
                 self._begin_close()
             elif isinstance(command, Refuse):
-                metrics.requests_refused.labels(command.code.value).inc()
+                metrics.refused(command.code.value)
                 self.push(encode_error(command.code, command.message, command.id))
             else:
                 self.push(command.frame)  # type: ignore[union-attr]
@@ -313,8 +316,11 @@ class Session:
                 return False  # abandoned: the consumer is stopping
         return True
 
-    def accepted(self) -> None:
-        """A batch was accepted: a consumer waiting for its ``accepted`` goes on."""
+    def accepted(self, first: int, count: int) -> None:
+        """Seqs ``first`` .. were accepted: a consumer waiting for one goes on."""
+        now = time.perf_counter()
+        for seq in range(first, first + count):
+            self._accepted_at[seq] = now
         waiter = self._accept_waiter
         if waiter is not None and waiter[0] <= self.core.accepted_through:
             self._accept_waiter = None
@@ -331,10 +337,15 @@ class Session:
         return future
 
     def begin(self, seq: int, rid: str) -> bool:
+        accepted_at = self._accepted_at.pop(seq, None)
+        if accepted_at is not None:
+            metrics.observe_queue_wait(time.perf_counter() - accepted_at)
         return self.core.begin(seq, rid)
 
     def finished(self, seq: int) -> None:
         commands = self.core.finished(seq)
+        if self._accepted_at:
+            self._accepted_at.pop(seq, None)  # cancelled or carried: never begun
         if not self.core.unfinished:
             self.pump.queue_drained()
         if commands:

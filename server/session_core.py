@@ -136,6 +136,8 @@ class SessionCore:
     unremoved: list[int] = field(default_factory=list)  # refused, still in the store
     resumed_from_store: bool = False  # ids from before this process: ask the store
     repair_delay: float = 0.0
+    # Told every edge taken, (from, to), and (None, state) at birth (metrics).
+    on_move: Callable[[SessionState | None, SessionState], object] | None = None
     _submit_times: list[float] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -151,7 +153,9 @@ class SessionCore:
             return
         if (self.state, target) not in TRANSITIONS:
             raise InvalidTransition(self.state, target)
-        self.state = target
+        old, self.state = self.state, target
+        if self.on_move is not None:
+            self.on_move(old, target)
 
     @property
     def closed(self) -> bool:

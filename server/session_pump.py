@@ -17,9 +17,9 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from consumers.consumer import encode_batch
 from server import metrics
 from server.broker import BrokerError
+from server.broker_message import encode_batch
 from server.errors import wire_error
 from server.session_core import Pending
 from server.store import Fenced, NewRequest, StoreError
@@ -147,7 +147,9 @@ class SubmitPump:
         try:
             if s.channel is None or s.queue_name is None:
                 raise BrokerError("no queue")
+            started = time.perf_counter()
             await s.broker.publish(s.channel, s.queue_name, body)
+            metrics.observe_publish(time.perf_counter() - started)
         except BrokerError as exc:  # QueueFull: the broker's x-max-length refused it
             core.unremoved = [r.seq for r in records]
             await s.forget_refused()
@@ -157,4 +159,4 @@ class SubmitPump:
         metrics.batch_size.observe(len(batch))
         metrics.requests_accepted.inc(len(batch))
         s.run(core.batch_accepted(batch, first))
-        s.accepted()
+        s.accepted(first, len(batch))

@@ -18,10 +18,11 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
-from consumers.consumer import SessionConsumer, encode_batch
+from consumers.consumer import SessionConsumer
 from protocol import ErrorCode, decode_json
 from server import metrics
 from server.broker import BrokerError
+from server.broker_message import encode_batch
 from server.store import Fenced, StoreError
 
 if TYPE_CHECKING:

@@ -25,9 +25,13 @@ methods' semantics are the same as if each ran alone.
 from __future__ import annotations
 
 import abc
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 
 class StoreError(Exception):
@@ -96,6 +100,21 @@ class SessionCounts:
     pending: int  # requests not DONE
 
 
+def _timed(
+    method: Callable[..., Awaitable[T]], name: str, observe: Callable[[str, float], object]
+) -> Callable[..., Awaitable[T]]:
+    clock = time.perf_counter
+
+    async def timed(*args: Any, **kwargs: Any) -> T:
+        started = clock()
+        try:
+            return await method(*args, **kwargs)
+        finally:
+            observe(name, clock() - started)
+
+    return timed
+
+
 class Store(abc.ABC):
     """Async storage for sessionq. One instance per process, shared by all tasks."""
 
@@ -108,6 +127,14 @@ class Store(abc.ABC):
     def _failed(self, operations: int = 1) -> None:
         if self.on_failure is not None:
             self.on_failure(operations)
+
+    def instrument(self, observe: Callable[[str, float], object], ops: Iterable[str]) -> None:
+        """Time every call of the methods named ``ops`` on this instance:
+        ``observe(name, seconds)`` once per call, whatever the backend (a call
+        that rode a group commit is one call)."""
+        for name in ops:
+            method = getattr(self, name)
+            setattr(self, name, _timed(method, name, observe))
 
     # -- lifecycle -----------------------------------------------------------
     @abc.abstractmethod
