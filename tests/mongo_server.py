@@ -68,9 +68,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     wanted = any(_wants_mongodb(item) for item in session.items)
     if not wanted or mongodb_disabled() or os.environ.get(URL_VARIABLE):
         return
-    done = subprocess.run(
-        [str(EMULATOR), "--setup"], capture_output=True, text=True, check=False
-    )
+    done = subprocess.run([str(EMULATOR), "--setup"], capture_output=True, text=True, check=False)
     if done.returncode:
         _setup_failure = (done.stderr or done.stdout).strip()[-2000:]
 
