@@ -270,3 +270,43 @@ def test_the_stall_is_the_emulators_unique_index_scans(mongodb_url: str) -> None
     for finish in finishes:  # a finish writes two requests: the done one and the next
         assert finish["stored"] == stored
         assert finish["scanned"] >= 2 * len(unique) * (stored - 1)
+
+
+# -- the emulator script -------------------------------------------------------------
+EMULATOR = ROOT / "scripts" / "mongo-emulator"
+
+
+def test_the_emulator_refuses_a_bad_port() -> None:
+    done = subprocess.run(
+        [str(EMULATOR), "--port", "70000"], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 2
+    assert "--port must be 0..65535, not 70000" in done.stderr
+
+
+async def test_the_emulator_ends_with_its_parent(mongodb_url: str) -> None:
+    """A test run that dies leaves no emulator behind: the emulator's parent
+    (a shell here) is killed, and the emulator exits on its own."""
+    if os.environ.get("SESSIONQ_TEST_MONGODB_URL"):
+        pytest.skip("about the emulator; SESSIONQ_TEST_MONGODB_URL names a real MongoDB")
+    shell = await asyncio.create_subprocess_exec(
+        "sh", "-c", '"$0" --port 0 & echo "$!"; wait', str(EMULATOR),
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert shell.stdout is not None
+    pid = int(await asyncio.wait_for(shell.stdout.readline(), 2 * UNIT))
+    ready = await asyncio.wait_for(shell.stdout.readline(), 6 * UNIT)
+    assert ready.startswith(b"mongo-emulator: ready mongodb://127.0.0.1:"), ready
+    fd = os.pidfd_open(pid)
+    try:
+        shell.kill()
+        await shell.wait()
+        ended = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(fd, ended.set)  # a pidfd turns readable when its process exits
+        try:
+            await asyncio.wait_for(ended.wait(), 2 * UNIT)
+        finally:
+            loop.remove_reader(fd)
+    finally:
+        os.close(fd)
