@@ -87,7 +87,7 @@ def mongodb_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("mongo-emulator") / "emulator.log"
     with log.open("w") as errors:
         process = subprocess.Popen(
-            [str(EMULATOR), "--port", "0"],
+            [str(EMULATOR), "--port", "0", "--parent", str(os.getpid())],
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=errors,
