@@ -25,6 +25,8 @@ from server import logs
 from server.app import Server
 from server.settings import Settings
 
+pytest_plugins = ["mongo_server"]  # tests/ is on sys.path, as for "from conftest import"
+
 # The server objects run in the test's process: show warnings and worse only.
 logs.configure("text", os.environ.get("SESSIONQ_TEST_LOG_LEVEL", "WARNING"))
 

@@ -1,8 +1,9 @@
 """One contract for every store backend, plus what only SQLite can show here.
 
-SQLite runs on a real file everywhere. MongoDB runs where
-``SESSIONQ_TEST_MONGODB_URL`` points at a server (each test in a database of
-its own, dropped afterwards) and is skipped, saying so, elsewhere.
+SQLite runs on a real file everywhere. MongoDB runs everywhere too: on the
+server ``SESSIONQ_TEST_MONGODB_URL`` points at, else on the wire emulator that
+tests/mongo_server.py starts (each test in a database of its own, dropped
+afterwards).
 """
 
 from __future__ import annotations
@@ -12,12 +13,10 @@ import os
 import signal
 import sqlite3
 import time
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from pymongo import AsyncMongoClient
 
 from server.store import (
     Fenced,
@@ -35,36 +34,27 @@ from server.store.mongodb import MongoStore
 from server.store.sqlite import SqliteStore
 
 UNIT = 0.1  # seconds; every timeout below is a multiple of it
-MONGODB_URL = os.environ.get("SESSIONQ_TEST_MONGODB_URL")
-NO_MONGODB = "SESSIONQ_TEST_MONGODB_URL not set: no MongoDB server to test against"
 FAR = 1e12  # a lease that outlives every test
 
 
 @pytest.fixture(
     params=[
         "sqlite",
-        pytest.param("mongodb", marks=pytest.mark.skipif(not MONGODB_URL, reason=NO_MONGODB)),
+        pytest.param("mongodb", marks=pytest.mark.mongodb),
     ]
 )
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    database = f"sessionq_test_{uuid.uuid4().hex[:12]}"
     s: Store
     if request.param == "sqlite":
         s = SqliteStore(tmp_path / "store.db")
-    else:
-        assert MONGODB_URL
-        s = MongoStore(MONGODB_URL, database=database)
+    else:  # the database is dropped by its fixture after the test
+        mongodb_url = request.getfixturevalue("mongodb_url")
+        s = MongoStore(mongodb_url, database=request.getfixturevalue("mongodb_database"))
     await s.open()
     try:
         yield s
     finally:
         await s.close()
-        if request.param == "mongodb":
-            client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(MONGODB_URL)
-            try:
-                await client.drop_database(database)
-            finally:
-                await client.close()
 
 
 def reqs(*seqs: int) -> list[NewRequest]:
