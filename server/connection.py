@@ -133,6 +133,8 @@ class Connection:
     async def close_now(self, code: int, reason: str) -> None:
         """Send what is queued (bounded), then close with ``code``."""
         metrics.closed(code)
+        session = self.session.session_id if self.session is not None else None
+        self.log.info("closing the connection: {} {}", code, reason, session=session, code=code)
         await self.outbox.flush()
         await self.ws.close(code, reason)
 

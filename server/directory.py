@@ -123,6 +123,7 @@ class SessionDirectory:
             session_id, username, self.owner, time.time() + self.settings.lease_seconds
         )
         session = self._make_session(session_id, username, record.epoch, 0)
+        session.log.info("session opened")
         await session.start()
         return session
 
@@ -169,6 +170,7 @@ class SessionDirectory:
                 local.outbox, local.close_connection = None, None
                 close(CloseCode.TAKEN_OVER, "session resumed elsewhere")
                 metrics.takeover("resume")
+                local.log.info("session taken over by another connection")
             return local
         record = await self.store.get_session(session_id)
         if record is None or record.username.lower() != username.lower():
@@ -178,6 +180,7 @@ class SessionDirectory:
         assert record is not None
         session = self._make_session(session_id, record.username, epoch, record.last_seq)
         metrics.takeover("resume")
+        session.log.info("session taken over for a resume (epoch {})", epoch)
         await session.take_up()
         return session
 

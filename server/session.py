@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
 
@@ -72,7 +72,7 @@ class Session:
             session_id, settings.max_pending, self._check_op,
             max_submits_per_second=settings.max_submits_per_second,
             batch_max=settings.batch_max, last_seq=last_seq, attached=attached,
-            on_move=metrics.session_moved,
+            on_move=self._moved,
         )  # fmt: skip
         metrics.session_moved(None, self.core.state)
         self.outbox: Outbox | None = None
@@ -87,9 +87,27 @@ class Session:
         self._accepted_at: dict[int, float] = {}  # seq -> when accepted (queue wait)
         self._closer: asyncio.Task[None] | None = None
         self._giving_up: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()  # every task of this session
         self._close_settled = asyncio.Event()  # no close under way (done or called off)
         self._close_settled.set()
         self.log = logger.bind(session=session_id, user=username)
+
+    def _moved(self, old: SessionState | None, new: SessionState) -> None:
+        """Every lifecycle edge: the sessions gauge, and one INFO line."""
+        metrics.session_moved(old, new)
+        core = self.core
+        if new is SessionState.DRAINING:
+            self.log.info("session draining: {} unfinished", len(core.unfinished))
+        elif new is SessionState.CLOSING:
+            self.log.info("session drained")
+        elif new is SessionState.CLOSED:
+            self.log.info(
+                "session closed here: {} unfinished left in the store", len(core.unfinished)
+            )
+        elif new is SessionState.RECOVERING:
+            self.log.info("session recovering: its queue is reopened from the store")
+        elif old is SessionState.DRAINING:
+            self.log.info("session resumed")
 
     def _check_op(self, name: str, args: dict[str, Any]) -> tuple[ErrorCode, str] | None:
         op = self.registry.get(name)
@@ -127,6 +145,13 @@ class Session:
     @replayed_finals.setter
     def replayed_finals(self, seqs: set[int]) -> None:
         self.core.replayed_finals = seqs
+
+    def spawn(self, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+        """Run ``job`` as one of this session's tasks: :meth:`stop` joins them all."""
+        task = asyncio.create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return task
 
     def run(self, commands: Iterable[Command]) -> None:
         """Carry out what the core asked for."""
@@ -172,7 +197,7 @@ class Session:
         """The store fenced a write: another process claimed the session after
         this one's lease lapsed (it was stalled or cut off from the store)."""
         if self._giving_up is None and not self.core.closed:
-            self._giving_up = asyncio.create_task(self._give_up())
+            self._giving_up = self.spawn(self._give_up())
 
     async def _give_up(self) -> None:
         self.log.warning("session claimed by another process; closing it here")
@@ -204,7 +229,7 @@ class Session:
     def _begin_close(self) -> None:
         self._close_settled.clear()
         if self._closer is None:
-            self._closer = asyncio.create_task(self._close_after(self.consumer))
+            self._closer = self.spawn(self._close_after(self.consumer))
 
     def _call_off_close(self) -> None:
         self._closer = None
@@ -246,7 +271,6 @@ class Session:
         await self._release()
         if self.on_closed is not None:
             self.on_closed(self)
-        self.log.debug("session closed")
 
     async def stop(self, grace: float) -> None:
         """Shutdown: finish the running request within ``grace``, start no more,
@@ -262,6 +286,11 @@ class Session:
                 consumer.abort()
                 await consumer.wait_ended()
         await self._release()
+        # Whatever the session still runs (a close, a recovery that sees the
+        # session closed and stops what it opened) ends now: join it here.
+        others = [t for t in self._tasks if t is not asyncio.current_task()]
+        if others:
+            await asyncio.wait(others, timeout=self.settings.publish_timeout + 1)
 
     def _stop_tasks(self) -> None:
         self.pump.cancel()

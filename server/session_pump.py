@@ -49,7 +49,7 @@ class SubmitPump:
         self._last_batch = 0
 
     def start(self) -> None:
-        self.task = asyncio.create_task(self._run())
+        self.task = self.session.spawn(self._run())
 
     def cancel(self) -> None:
         if self.task is not None:

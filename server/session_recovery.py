@@ -195,7 +195,7 @@ class Recovery:
         self._failed = failed  # the newest: a repair under way picks it up
         self._repair_due = True
         if self._repair is None:
-            self._repair = asyncio.create_task(self._repair_session())
+            self._repair = self.session.spawn(self._repair_session())
 
     async def _repair_session(self) -> None:
         """Carry the session on after its consumer ended on an error (a result
