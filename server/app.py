@@ -21,6 +21,7 @@ import multiprocessing
 import os
 import secrets
 import socket
+import ssl
 import time
 from collections import Counter
 from collections.abc import Coroutine
@@ -45,7 +46,7 @@ from server.keepalive import keepalive
 from server.lifetime import end_with_parent
 from server.ports import Carrier
 from server.replay import REPLAY_PAGE, replay
-from server.routes import Routes
+from server.routes import Routes, metrics_only
 from server.session import Session
 from server.settings import Settings
 from server.store import Store, StoreError, open_store
@@ -83,6 +84,7 @@ class Server:
         self.cpu_pool: Executor | None = None
         self.stopping = False
         self.ws_server: WSServer | None = None
+        self.metrics_server: WSServer | None = None
         self._tasks: list[asyncio.Task[Any]] = []
         self.port = settings.port
 
@@ -137,8 +139,10 @@ class Server:
             await self.broker.start(wait=10)
         except BrokerError as exc:
             logger.warning("{}; serving anyway, /readyz says 503 until it answers", exc)
+        tls = tls_context(settings)
         kwargs: dict[str, Any] = dict(
             process_request=self.routes.process_request,
+            ssl=tls,
             create_connection=SQConnection,
             max_size=settings.max_message_bytes,
             compression="deflate" if settings.compression else None,
@@ -156,12 +160,23 @@ class Server:
                 reuse_port=settings.workers > 1, **kwargs,
             )  # fmt: skip
         self.port = self.ws_server.sockets[0].getsockname()[1]
+        if settings.metrics_port:
+            # /metrics alone, on its own (private) address; with --workers every
+            # process listens there too and any one answers for all of them.
+            self.metrics_server = await serve(
+                _no_websocket, settings.metrics_host, settings.metrics_port,
+                process_request=metrics_only, reuse_port=settings.workers > 1,
+                server_header="sessionq",
+            )  # fmt: skip
         self._spawn(self.directory.renew_leases(), "leases")
         self._spawn(self._purge(), "purge")
         self._spawn(self.directory.adopt_orphans(), "orphans")
         self._spawn(self.directory.sample_pending(), "pending")
         self._spawn(keepalive(self.open_sockets, settings.keepalive), "keepalive")
-        logger.info("sessionq serving on {}:{} as {}", settings.host, self.port, self.owner)
+        scheme = "wss" if tls is not None else "ws"
+        logger.info("sessionq serving {}://{}:{}/ws as {}", scheme, settings.host, self.port,
+                    self.owner)  # fmt: skip
+        logger.info(settings.security_summary())
 
     async def stop(self) -> None:
         """SIGTERM: stop accepting, let running requests finish within the grace
@@ -172,6 +187,8 @@ class Server:
         logger.info("shutting down: {} sessions", len(self.sessions))
         if self.ws_server is not None:
             self.ws_server.server.close()  # stop listening; open sockets stay
+        if self.metrics_server is not None:
+            self.metrics_server.close()
         await self.directory.stop_sessions(self.settings.shutdown_grace)
         if self.ws_server is not None:
             self.ws_server.close(close_connections=True)  # 1001 going away
@@ -236,3 +253,17 @@ class Server:
 
     async def replay(self, session: Session, carrier: Carrier, after: int) -> None:
         await replay(self.store, session, carrier, after)
+
+
+def tls_context(settings: Settings) -> ssl.SSLContext | None:
+    """The server's TLS context from SESSIONQ_TLS_CERT / _KEY, or None (plain)."""
+    if not settings.tls:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    return context
+
+
+async def _no_websocket(ws: ServerConnection) -> None:
+    """The metrics port upgrades nothing: process_request answers every request."""

@@ -211,7 +211,7 @@ class Connection:
                                 frame.username, frame.password, self.address
                             )
                         elif isinstance(frame, Register):
-                            if not self.settings.open_registration:
+                            if not self.settings.registration_open:
                                 raise AuthError(ErrorCode.UNAUTHORIZED, "registration is closed")
                             identity = await auth.register(frame.username, frame.password)
                         else:

@@ -15,6 +15,7 @@ import mimetypes
 from collections.abc import Callable
 from importlib import resources
 
+from loguru import logger
 from websockets.asyncio.server import ServerConnection
 from websockets.datastructures import Headers
 from websockets.http11 import Request, Response
@@ -56,9 +57,8 @@ class Routes:
             return response(http.HTTPStatus.OK, b"ok\n")
         if path == "/readyz":
             return await self.ready()
-        if path == "/metrics":
-            body, content_type = metrics.render()
-            return response(http.HTTPStatus.OK, body, content_type)
+        if path == "/metrics" and not self.settings.metrics_port:
+            return metrics_response()
         if path == "/" or path.startswith("/static/"):
             return self.static_file("index.html" if path == "/" else path[len("/static/") :])
         return response(http.HTTPStatus.NOT_FOUND, b"not found\n")
@@ -75,18 +75,22 @@ class Routes:
 
     async def ready(self) -> Response:
         """200 when the store and the broker answer and no shutdown began;
-        503 naming each problem otherwise (for operators: not a client's)."""
+        503 with one short reason a line otherwise (``store``, ``broker``,
+        ``stopping``): the port is public, so the failures' own text goes to
+        the log, not into the answer."""
         problems = []
         try:
             await asyncio.wait_for(self.store.ping(), 2)
         except (StoreError, TimeoutError) as exc:
-            problems.append(f"store: {exc or 'timeout'}")
+            logger.debug("readyz: store: {!r}", exc)
+            problems.append("store")
         try:
             await self.broker.ping()
         except BrokerError as exc:
-            problems.append(f"broker: {exc}")
+            logger.debug("readyz: broker: {!r}", exc)
+            problems.append("broker")
         if self._stopping():
-            problems.append("shutting down")
+            problems.append("stopping")
         if problems:
             text = "\n".join(problems) + "\n"
             return response(http.HTTPStatus.SERVICE_UNAVAILABLE, text.encode())
@@ -104,6 +108,18 @@ class Routes:
         answer = response(http.HTTPStatus.OK, item.read_bytes(), content_type)
         answer.headers.update(SECURITY_HEADERS)
         return answer
+
+
+async def metrics_only(ws: ServerConnection, request: Request) -> Response:
+    """``process_request`` of the metrics port: ``/metrics`` and nothing else."""
+    if request.path.partition("?")[0] == "/metrics":
+        return metrics_response()
+    return response(http.HTTPStatus.NOT_FOUND, b"not found\n")
+
+
+def metrics_response() -> Response:
+    body, content_type = metrics.render()
+    return response(http.HTTPStatus.OK, body, content_type)
 
 
 def response(

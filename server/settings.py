@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+MAX_TOKEN_TTL = 86_400  # a stolen token is good for a day at the most
+
 
 class SettingsError(ValueError):
     """A setting has a value the server cannot start with."""
@@ -54,10 +56,15 @@ class Settings:
     max_attempts: int = 3
     result_ttl: int = 86_400
     allowed_origins: tuple[str, ...] = ()
-    open_registration: bool = True
+    # None: open in development, closed in production (see registration_open)
+    open_registration: bool | None = None
     ops: tuple[str, ...] = ()
     log_format: str = "auto"
     log_level: str = "INFO"
+    tls_cert: str = ""  # PEM files: with both, the one port serves wss:// and https://
+    tls_key: str = ""
+    metrics_port: int = 0  # 0: /metrics on the public port; else there alone
+    metrics_host: str = "127.0.0.1"
     # Not in DESIGN.md's table; documented in docs/operations.md.
     op_timeout: float = 300.0
     amqp_channels: int = 16
@@ -76,6 +83,34 @@ class Settings:
     @property
     def production(self) -> bool:
         return self.env == "production"
+
+    @property
+    def registration_open(self) -> bool:
+        """Whether clients may ``register``: as set, else only outside production."""
+        if self.open_registration is None:
+            return not self.production
+        return self.open_registration
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.tls_cert)
+
+    def security_summary(self) -> str:
+        """One line for the start-up log: which protections are in force."""
+        secret = (
+            f"{len(self.jwt_secret.encode())}-byte JWT secret" if self.jwt_secret else "no secret"
+        )
+        parts = [
+            f"env {self.env}",
+            "registration " + ("open" if self.registration_open else "closed"),
+            secret,
+            "TLS on" if self.tls else "TLS off (terminate it in front)",
+            f"metrics on {self.metrics_host}:{self.metrics_port} only"
+            if self.metrics_port
+            else "metrics on the public port",
+            f"token TTL {self.token_ttl}s",
+        ]
+        return "security: " + ", ".join(parts)
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -116,6 +151,19 @@ class Settings:
             raise bad("env", "must be development or production")
         if self.production and len(self.jwt_secret.encode()) < 32:
             raise bad("jwt_secret", "must be set to at least 32 bytes in production")
+        if self.token_ttl > MAX_TOKEN_TTL:
+            raise bad("token_ttl", f"must be at most {MAX_TOKEN_TTL} seconds (24 h)")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise bad("tls_cert" if not self.tls_cert else "tls_key",
+                      "TLS needs both SESSIONQ_TLS_CERT and SESSIONQ_TLS_KEY")  # fmt: skip
+        for name in ("tls_cert", "tls_key"):
+            path = getattr(self, name)
+            if path and not os.access(path, os.R_OK):
+                raise bad(name, f"cannot read {path}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise bad("metrics_port", "must be 0 (off) or a port number")
+        if self.metrics_port and self.metrics_port == self.port:
+            raise bad("metrics_port", "must differ from SESSIONQ_PORT")
         positive = (
             "token_ttl", "max_pending", "max_message_bytes", "auth_timeout",
             "max_connections_per_user", "workers", "max_attempts", "result_ttl",
@@ -158,14 +206,32 @@ class Settings:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "jwt-secret"
         if not path.exists():
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, secrets.token_urlsafe(48).encode())
-            except BaseException:
-                os.close(fd)
-                raise
-            os.close(fd)
-        return dataclasses.replace(self, jwt_secret=path.read_text().strip())
+            _write_secret(path)
+        secret = path.read_text().strip()
+        if len(secret.encode()) < 32:
+            raise SettingsError(
+                f"{path}: the generated JWT secret is shorter than 32 bytes;"
+                " delete the file to make a new one, or set SESSIONQ_JWT_SECRET"
+            )
+        return dataclasses.replace(self, jwt_secret=secret)
+
+
+def _write_secret(path: Path) -> None:
+    """Write a new secret atomically: a reader (another ``--workers`` process)
+    sees no file or the whole secret, never an empty or partial one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, secrets.token_urlsafe(48).encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # fails if another process got there first: keep its secret
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 def env_name(field_name: str) -> str:
