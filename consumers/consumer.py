@@ -33,7 +33,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Executor
 from typing import Any
 
@@ -68,6 +68,8 @@ class SessionConsumer:
         max_attempts: int,
         cpu_pool: Executor | None,
         observe: Observer | None = None,
+        max_result_bytes: int = 1 << 20,
+        on_progress_dropped: Callable[[], object] | None = None,
     ) -> None:
         self.port = port
         self.store = store
@@ -78,6 +80,8 @@ class SessionConsumer:
         self.max_attempts = max_attempts
         self.cpu_pool = cpu_pool
         self.observe = observe
+        self.max_result_bytes = max_result_bytes
+        self.on_progress_dropped = on_progress_dropped
         self.running_seq: int | None = None  # taken from the queue, being started or run
         self.started_seq: int | None = None  # ... and past its last checks (status: running)
         self.running_since: float | None = None  # loop.time() its handler started
@@ -318,9 +322,15 @@ class SessionConsumer:
 
         def progress(data: Any) -> None:
             try:
-                port.push(encode_progress(rid, seq, data))
+                frame = encode_progress(rid, seq, data)
             except TypeError:
                 logger.warning("op {} sent progress that is not JSON", opname)
+                return
+            if len(frame) > self.max_result_bytes:  # dropped, never sent (PROTOCOL.md 1.1)
+                if self.on_progress_dropped is not None:
+                    self.on_progress_dropped()
+                return
+            port.push(frame)
 
         ctx = Context(
             user=port.username, session=port.session_id, seq=seq, id=rid, attempt=attempt,
@@ -335,6 +345,14 @@ class SessionConsumer:
             for attempt_no in range(1, tries + 1):
                 ctx.retry = attempt_no - 1
                 final, failed, outcome, retryable = await self._invoke(op, args, ctx, timeout)
+                if len(final) > self.max_result_bytes:
+                    # The quota on one final frame: the request ends, the session goes on.
+                    outcome = ErrorCode.RESULT_TOO_LARGE
+                    message = (
+                        f"the final frame would be {len(final)} bytes;"
+                        f" the limit is {self.max_result_bytes}"
+                    )
+                    return encode_error(ErrorCode.RESULT_TOO_LARGE, message, rid, seq), True
                 if not (failed and retryable) or attempt_no == tries:
                     return final, failed
                 delay = op.retry_backoff * 2 ** (attempt_no - 1)

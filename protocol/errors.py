@@ -25,7 +25,9 @@ Error codes by phase:
 - submit, refused before acceptance (no ``seq``): ``unknown_op``, ``queue_full``,
   ``rate_limited``, ``unavailable``.
 - final frame of an accepted request (with ``seq``): ``handler_error`` (or the
-  handler's own code), ``timeout``, ``crashed``, ``cancelled``.
+  handler's own code), ``timeout``, ``crashed``, ``cancelled``,
+  ``result_too_large`` (1.1: the final frame is over SESSIONQ_MAX_RESULT_BYTES),
+  ``quota_exceeded`` (1.1: a ``kv.put`` over the user's storage quota).
 - cancel / status / resume: ``not_found``, ``expired``, ``not_cancellable``
   (extension: the request is running and its handler cannot be interrupted).
 """
@@ -57,6 +59,9 @@ class ErrorCode(StrEnum):
     TIMEOUT = "timeout"
     CRASHED = "crashed"
     UNAVAILABLE = "unavailable"
+    # Version 1.1: quotas.
+    RESULT_TOO_LARGE = "result_too_large"
+    QUOTA_EXCEEDED = "quota_exceeded"
     # Extension: cancel of a running request whose handler cannot be interrupted.
     NOT_CANCELLABLE = "not_cancellable"
     # Extension: unexpected server fault while answering one frame.

@@ -60,7 +60,7 @@ REFUSAL_CODES = tuple(
         ErrorCode.UNAVAILABLE,
     )
 )
-FINAL_OUTCOMES = ("result", "handler_error", "timeout", "cancelled", "crashed")
+FINAL_OUTCOMES = ("result", "handler_error", "timeout", "cancelled", "crashed", "result_too_large")
 CONSUMER_FAILURE_CAUSES = ("error", "fenced")
 TAKEOVER_HOWS = ("resume", "adopt")
 AUTH_METHODS = ("handshake", "auth", "login", "register")
@@ -125,6 +125,9 @@ consumer_failures = Counter(
     f"{NS}_consumer_failures_total", "Session consumers that ended on an error", ["cause"]
 )
 closes = Counter(f"{NS}_closes_total", "Connections closed by the server", ["code"])
+progress_dropped = Counter(
+    f"{NS}_progress_dropped_total", "Progress frames over SESSIONQ_MAX_RESULT_BYTES, not sent"
+)
 
 
 def prime(ops: Iterable[str] = ()) -> None:

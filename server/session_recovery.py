@@ -107,6 +107,8 @@ class Recovery:
             limits={"max_sleep": s.settings.max_sleep},
             op_timeout=s.settings.op_timeout, max_attempts=s.settings.max_attempts,
             cpu_pool=s.cpu_pool, observe=metrics.observe_request,
+            max_result_bytes=s.settings.max_result_bytes,
+            on_progress_dropped=metrics.progress_dropped.inc,
         )  # fmt: skip
         s.channel, s.queue_name = channel, name
         s.consumer = consumer

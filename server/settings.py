@@ -65,6 +65,7 @@ class Settings:
     tls_key: str = ""
     metrics_port: int = 0  # 0: /metrics on the public port; else there alone
     metrics_host: str = "127.0.0.1"
+    max_result_bytes: int = 1_048_576  # one final frame, encoded (result_too_large beyond)
     # Not in DESIGN.md's table; documented in docs/operations.md.
     op_timeout: float = 300.0
     amqp_channels: int = 16
@@ -169,7 +170,7 @@ class Settings:
             "max_connections_per_user", "workers", "max_attempts", "result_ttl",
             "op_timeout", "amqp_channels", "prefetch", "batch_max", "publish_timeout",
             "slow_client_timeout", "lease_seconds", "login_failures", "login_window",
-            "auth_tries", "bcrypt_rounds", "keepalive",
+            "auth_tries", "bcrypt_rounds", "keepalive", "max_result_bytes",
         )  # fmt: skip
         for name in positive:
             if getattr(self, name) <= 0:

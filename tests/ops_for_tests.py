@@ -63,3 +63,11 @@ async def flaky(args: dict[str, Any], ctx: Context) -> Any:
 @op("test.doomed", retries=2, retry_backoff=0.01)
 async def doomed(args: dict[str, Any], ctx: Context) -> Any:
     raise ConnectionError(f"downstream refused try {ctx.retry + 1}")
+
+
+@op("test.progress")
+async def progress_sizes(args: dict[str, Any], ctx: Context) -> Any:
+    """Sends one progress frame of each size in ``sizes`` (bytes of padding)."""
+    for size in args.get("sizes", []):
+        ctx.progress({"pad": "x" * size})
+    return {"sent": len(args.get("sizes", []))}
