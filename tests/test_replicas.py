@@ -1,0 +1,154 @@
+"""Two replicas that share only the store and the broker.
+
+Each test starts two ``sessionq serve`` processes on different ports with one
+store (a SQLite file, or a MongoDB database through the wire emulator) and
+shows one of the three ways a session moves between replicas: a resume after
+a disconnect, a resume that takes a live session over (4409), and a replica
+that dies (SIGKILL) and whose sessions the other one adopts once its lease
+lapses. Every accepted request ends in exactly one final frame, in seq order.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from conftest import BROKER_URL, UNIT, Client, finals_of
+from test_faults import SECRET, ServerProcess, open_client, wait_running
+
+Start = Callable[[], Awaitable[ServerProcess]]
+
+STORES = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
+]
+
+
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.db"
+    return str(request.getfixturevalue(f"{request.param}_store_url"))
+
+
+@pytest.fixture
+async def replica(store_url: str) -> AsyncIterator[Start]:
+    """Start a replica on the shared store (each call: one more process)."""
+    procs: list[ServerProcess] = []
+
+    async def start() -> ServerProcess:
+        env = {
+            **os.environ,
+            "SESSIONQ_BROKER_URL": BROKER_URL,
+            "SESSIONQ_STORE_URL": store_url,
+            "SESSIONQ_JWT_SECRET": SECRET,
+            "SESSIONQ_BCRYPT_ROUNDS": "4",
+            "SESSIONQ_LEASE_SECONDS": "1",
+            "SESSIONQ_OPS": "tests.ops_for_tests",
+            "SESSIONQ_LOG_FORMAT": "json",
+            "SESSIONQ_LOG_LEVEL": os.environ.get("SESSIONQ_TEST_SERVER_LOG_LEVEL", "WARNING"),
+        }
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "serve", "--port", "0",
+            env=env, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 6 * UNIT)
+        assert b"listening on" in line, line
+        server = ServerProcess(proc, int(line.rsplit(b":", 1)[1].split(b"/")[0]))
+        procs.append(server)
+        return server
+
+    yield start
+    for server in procs:
+        await server.kill()
+
+
+def assert_exactly_once(finals: list[dict[str, Any]], last: int) -> None:
+    assert [f["seq"] for f in finals] == list(range(1, last + 1)), finals
+
+
+async def resume(client: Client, welcome: dict[str, Any], after: int) -> dict[str, Any]:
+    await client.send({"type": "resume", "session": welcome["session"], "after": after})
+    frames = await client.recv_until(lambda f: f["type"] in ("resumed", "error"), 4 * UNIT)
+    assert frames[-1]["type"] == "resumed", frames[-1]
+    return frames[-1]
+
+
+async def test_a_session_resumed_on_the_other_replica_continues_there(replica: Start) -> None:
+    a, b = await replica(), await replica()
+    client = await open_client(a)
+    await client.submit("r1", "echo", {"n": 1})
+    seen = finals_of(await client.finals(1))
+    await client.submit("r2", "sleep", {"seconds": 0.5})
+    for i in (3, 4):
+        await client.submit(f"r{i}", "echo", {"n": i})
+    await client.recv_until(lambda f: f.get("id") == "r4" and f["type"] == "accepted")
+    await client.close()  # r2..r4 drain on replica a
+
+    other = await open_client(b, client.welcome["token"])
+    resumed = await resume(other, client.welcome, after=1)
+    assert resumed["last_seq"] == 4
+    rest = finals_of(await other.finals(3, 4 * UNIT))
+    await other.submit("r5", "echo", {"n": 5})  # the session's seq goes on here
+    frames = await other.finals(1)
+    accepted = [f for f in frames if f["type"] == "accepted"]
+    assert [(f["id"], f["seq"]) for f in accepted] == [("r5", 5)]
+    finals = seen + rest + finals_of(frames)
+    assert_exactly_once(finals, 5)
+    assert [f["value"] for f in finals] == [
+        {"n": 1}, {"slept": 0.5}, {"n": 3}, {"n": 4}, {"n": 5}
+    ]  # fmt: skip
+
+
+async def test_resuming_a_live_session_on_the_other_replica_takes_it_over(
+    replica: Start,
+) -> None:
+    a, b = await replica(), await replica()
+    first = await open_client(a)
+    await first.submit("r1", "test.attempt", {"seconds": 0.5})
+    for i in (2, 3):
+        await first.submit(f"r{i}", "echo", {"n": i})
+    await first.recv_until(lambda f: f.get("id") == "r3" and f["type"] == "accepted")
+    await wait_running(first, "r1")
+
+    second = await open_client(b, first.welcome["token"])
+    resumed = await resume(second, first.welcome, after=0)
+    assert resumed["last_seq"] == 3
+    code, _ = await first.closed(4 * UNIT)
+    assert code == 4409
+    finals = finals_of(await second.finals(3, 4 * UNIT))
+    assert_exactly_once(finals, 3)
+    # The running request finished on replica a, once: not run again on b.
+    assert finals[0]["value"] == {"attempt": 1}
+
+
+async def test_a_killed_replicas_sessions_are_finished_by_the_other(replica: Start) -> None:
+    a, b = await replica(), await replica()
+    client = await open_client(a)
+    await client.submit("r1", "echo", {"n": 1})
+    seen = finals_of(await client.finals(1))
+    await client.submit("r2", "test.attempt", {"seconds": 1})
+    for i in (3, 4):
+        await client.submit(f"r{i}", "echo", {"n": i})
+    await client.recv_until(lambda f: f.get("id") == "r4" and f["type"] == "accepted")
+    await wait_running(client, "r2")
+    await a.kill()  # r2 running, r3 and r4 queued: replica b adopts them once the lease lapses
+
+    other = await open_client(b, client.welcome["token"])
+    async with asyncio.timeout(6 * UNIT):
+        while True:  # the adoption runs them with no client; then a resume replays them
+            await other.send({"type": "resume", "session": client.welcome["session"], "after": 1})
+            frames = await other.recv_until(lambda f: f["type"] in ("resumed", "error"))
+            if frames[-1]["type"] == "resumed":
+                break
+    rest = finals_of(await other.finals(3, 4 * UNIT))
+    finals = seen + rest
+    assert_exactly_once(finals, 4)
+    assert rest[0]["value"] == {"attempt": 2}  # r2 ran again, once, after the crash
+    assert [f["value"] for f in rest[1:]] == [{"n": 3}, {"n": 4}]
