@@ -246,8 +246,11 @@ class Broker:
     def _channel_closed(self, sender: Any, exc: BaseException | None = None) -> None:
         # A channel the broker closed (consumer_timeout, precondition) takes its
         # sessions' consumers with it. Treat it as a lost connection: every
-        # session recovers on fresh channels, from the store.
-        if not self._closing and self._up.is_set() and any(c is sender for c in self._channels):
+        # session recovers on fresh channels, from the store. A lost connection
+        # closes every channel: say so once, not once per channel.
+        if self._closing or not self._up.is_set() or self._lost.is_set():
+            return
+        if any(c is sender for c in self._channels):
             logger.warning("broker closed a channel: {}", exc)
             self._lost.set()
 
