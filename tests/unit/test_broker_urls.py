@@ -3,11 +3,16 @@
 Pure: no broker, no socket. The connect order is checked by giving the broker
 a stand-in for ``aio_pika.connect`` that records what it was asked for; the
 real failover between two RabbitMQ nodes is tests/test_broker_cluster.py.
+The compose stack's cluster is checked as files: every replica names every
+node, and the nodes' consumer_timeout fits the default settings.
 """
 
 from __future__ import annotations
 
+import re
+from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 
@@ -154,3 +159,32 @@ async def test_when_no_url_answers_the_error_names_each_without_its_password(
     assert message.startswith("amqp://guest:***@node-a:5672/: Connect call failed")
     assert "; amqps://app:***@node-c:5671/prod: Connect call failed" in message
     assert "s3cret" not in message and "other" not in message
+
+
+# -- the compose stack --------------------------------------------------------
+COMPOSE = Path(__file__).resolve().parents[2] / "compose"
+
+
+def test_compose_gives_every_replica_every_rabbitmq_node() -> None:
+    text = (COMPOSE / "docker-compose.yml").read_text()
+    nodes = re.findall(r"^  (rabbitmq-\d+):$", text, re.M)
+    assert nodes == ["rabbitmq-1", "rabbitmq-2", "rabbitmq-3"]
+    (raw,) = re.findall(r"SESSIONQ_BROKER_URL: >-\n\s+(\S+)\n", text)
+    urls = split_broker_urls(raw)
+    assert [urlsplit(url).hostname for url in urls] == nodes
+    discovery = (COMPOSE / "rabbitmq" / "cluster.conf").read_text()
+    listed = re.findall(r"^cluster_formation\.classic_config\.nodes\.\d+ = rabbit@(\S+)$",
+                        discovery, re.M)  # fmt: skip
+    assert listed == nodes
+
+
+def test_compose_consumer_timeout_outlasts_the_longest_unacked_delivery() -> None:
+    """prefetch x batch_max x op_timeout of the default settings must fit
+    under the broker's consumer_timeout, or the broker closes busy channels."""
+    conf = (COMPOSE / "rabbitmq" / "sessionq.conf").read_text()
+    (timeout_ms,) = re.findall(r"^consumer_timeout = (\d+)$", conf, re.M)
+    d = Settings()
+    worst_ms = d.prefetch * d.batch_max * d.op_timeout * 1000
+    assert int(timeout_ms) >= worst_ms
+    # The comment's arithmetic is the defaults' own.
+    assert f"{d.prefetch} x {d.batch_max} x {d.op_timeout:g} s = {worst_ms // 1000:,.0f} s" in conf
