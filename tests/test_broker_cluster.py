@@ -117,15 +117,28 @@ class Cluster:
         return sorted(pid.strip("<>").rsplit(".", 3)[0] for pid in pids)  # <node.x.y.z>
 
 
-def _stop(node: Node, server: subprocess.Popen[bytes] | None) -> None:
-    """Stop a node (waiting until its process is gone); kill what is left."""
+def _own_pid(node: Node) -> str | None:
+    """The pid in ``node``'s pid file while that process is still this node
+    (started with this node's name and directory), else None."""
     try:
-        if node.pid_file.exists():
+        pid = node.pid_file.read_text().strip()
+    except OSError:
+        return None
+    environ = subprocess.run(
+        [*AS_RABBITMQ_ADMIN, "cat", f"/proc/{pid}/environ"], capture_output=True, check=False
+    ).stdout.split(b"\0")
+    mine = f"RABBITMQ_MNESIA_BASE={node.base / node.short / 'mnesia'}".encode()
+    return pid if pid.isdigit() and mine in environ else None
+
+
+def _stop(node: Node, server: subprocess.Popen[bytes] | None) -> None:
+    """Stop a node (waiting until its process is gone); kill it if it hangs."""
+    if _own_pid(node) is not None:
+        try:
             node.ctl("stop", str(node.pid_file), timeout=60)
-    except (RuntimeError, subprocess.TimeoutExpired):
-        pid = node.pid_file.read_text().strip() if node.pid_file.exists() else ""
-        if pid:
-            subprocess.run([*AS_RABBITMQ_ADMIN, "kill", "-9", pid], check=False)
+        except (RuntimeError, subprocess.TimeoutExpired):
+            if (pid := _own_pid(node)) is not None:
+                subprocess.run([*AS_RABBITMQ_ADMIN, "kill", "-9", pid], check=False)
     if server is not None:
         try:
             server.wait(timeout=30)
@@ -162,7 +175,13 @@ def cluster() -> Iterator[Cluster]:
         for node in (a, b):
             # Returns once the pid file is written and the node has booted
             # (fails at once if the node's process dies).
-            node.ctl("wait", str(node.pid_file), "--timeout", "90", timeout=120)
+            try:
+                node.ctl("wait", str(node.pid_file), "--timeout", "90", timeout=120)
+            except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                output = (base / f"{node.short}.out").read_text(errors="replace")
+                raise RuntimeError(
+                    f"{node.name} did not start ({exc}):\n{output[-3000:]}"
+                ) from None
         b.ctl("stop_app")
         b.ctl("join_cluster", a.name)
         b.ctl("start_app")
