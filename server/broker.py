@@ -11,6 +11,15 @@ Why this shape:
 * Every channel has publisher confirms on. A session publishes on its own
   channel, so its messages keep their order; different sessions' publishes on
   one channel pipeline their confirms.
+* ``url`` may list several AMQP URLs, comma-separated: the nodes of a
+  RabbitMQ cluster. Every connect, the first and each reconnect, tries them
+  in the order given and keeps the first that answers. Starting again from
+  the first (rather than from the one after the node that failed) keeps the
+  order the operator wrote meaningful: give each replica its own first node
+  to spread the connections, and a replica whose node comes back returns to
+  it at its next reconnect. A node that refuses costs milliseconds; one that
+  does not answer costs the 5 s connect timeout per try, and the supervisor's
+  backoff runs between whole rounds, not between URLs.
 * We do not use aio-pika's robust connection: after a broker restart its
   consumer restore has open bugs, and exclusive queues are gone anyway. The
   supervisor here reconnects with capped backoff (never more than 5 s between
@@ -35,7 +44,7 @@ import aiormq
 from aio_pika.abc import AbstractChannel
 from loguru import logger
 
-from server import metrics
+from server import broker_urls, metrics
 from server.broker_channel import Channel, Delivery, Subscription
 
 __all__ = [
@@ -72,6 +81,8 @@ class Broker:
         publish_timeout: float = 5.0,
     ) -> None:
         self.url = url
+        self.urls = broker_urls.split_broker_urls(url)  # ValueError names the bad one
+        self.connected_url: str | None = None  # the URL of the live connection
         self.n_channels = channels
         self.prefetch = prefetch
         self.publish_timeout = publish_timeout
@@ -132,12 +143,11 @@ class Broker:
 
     @property
     def safe_url(self) -> str:
-        """The URL without its password, for logs and errors."""
-        head, sep, tail = self.url.rpartition("@")
-        if not sep:
-            return self.url
-        scheme, _, cred = head.partition("://")
-        return f"{scheme}://{cred.split(':')[0]}:***@{tail}"
+        """The URL(s) without passwords, for logs and errors: the one
+        connected to, else every URL of the list."""
+        if self.connected_url is not None:
+            return broker_urls.safe_url(self.connected_url)
+        return broker_urls.safe_urls(self.urls)
 
     async def wait_up(self) -> None:
         await self._ready.wait()
@@ -151,7 +161,8 @@ class Broker:
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
-                logger.warning("broker connect failed: {}; retry in {:.1f}s", exc, delay)
+                why = broker_urls.scrub(str(exc) or repr(exc), self.urls)
+                logger.warning("broker connect failed: {}; retry in {:.1f}s", why, delay)
                 await asyncio.sleep(delay * (0.75 + random.random() / 2))
                 delay = min(delay * 2, 5.0)
                 continue
@@ -174,11 +185,11 @@ class Broker:
             self._ready.clear()
             self._up.clear()
             metrics.broker_up.set(0)
-            logger.warning("broker connection lost; reconnecting")
+            logger.warning("broker connection lost ({}); reconnecting", self.safe_url)
             await self._close_connection()
 
     async def _connect(self) -> None:
-        connection = await aio_pika.connect(self.url, timeout=5)
+        connection, url = await self._open_first()
         try:
             channels = []
             for _ in range(self.n_channels):
@@ -195,7 +206,24 @@ class Broker:
         self._connection = connection
         self._channels = channels
         self._pool = [Channel(await channel.get_underlay_channel()) for channel in channels]
+        self.connected_url = url
         logger.info("broker connected: {} ({} channels)", self.safe_url, len(channels))
+
+    async def _open_first(self) -> tuple[aio_pika.abc.AbstractConnection, str]:
+        """Open a connection to the first URL of the list that answers, trying
+        them in order; BrokerError (naming each URL and why) when none does."""
+        failures = []
+        for url in self.urls:
+            try:
+                return await aio_pika.connect(url, timeout=5), url
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                why = broker_urls.scrub(str(exc) or repr(exc), self.urls)
+                failures.append(f"{broker_urls.safe_url(url)}: {why}")
+                if len(self.urls) > 1:
+                    logger.info("broker {} did not answer: {}", broker_urls.safe_url(url), why)
+        raise BrokerError("; ".join(failures))
 
     async def _listen_control(self, channel: AbstractChannel) -> None:
         exchange = await channel.declare_exchange(CONTROL_EXCHANGE, aio_pika.ExchangeType.FANOUT)
@@ -218,13 +246,17 @@ class Broker:
     def _channel_closed(self, sender: Any, exc: BaseException | None = None) -> None:
         # A channel the broker closed (consumer_timeout, precondition) takes its
         # sessions' consumers with it. Treat it as a lost connection: every
-        # session recovers on fresh channels, from the store.
-        if not self._closing and self._up.is_set() and any(c is sender for c in self._channels):
+        # session recovers on fresh channels, from the store. A lost connection
+        # closes every channel: say so once, not once per channel.
+        if self._closing or not self._up.is_set() or self._lost.is_set():
+            return
+        if any(c is sender for c in self._channels):
             logger.warning("broker closed a channel: {}", exc)
             self._lost.set()
 
     async def _close_connection(self) -> None:
         connection, self._connection, self._channels = self._connection, None, []
+        self.connected_url = None
         self._pool = []
         if connection is not None and not connection.is_closed:
             try:

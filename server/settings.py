@@ -16,6 +16,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from server.broker_urls import split_broker_urls
+
 MAX_TOKEN_TTL = 86_400  # a stolen token is good for a day at the most
 
 
@@ -144,8 +146,10 @@ class Settings:
 
         if not 0 <= self.port <= 65535:
             raise bad("port", "must be 0..65535")
-        if not self.broker_url.startswith(("amqp://", "amqps://")):
-            raise bad("broker_url", "must start with amqp:// or amqps://")
+        try:  # one URL, or the nodes of a cluster, comma-separated
+            split_broker_urls(self.broker_url)
+        except ValueError as exc:
+            raise bad("broker_url", str(exc)) from None
         if not self.store_url.startswith(("sqlite:///", "mongodb://", "mongodb+srv://")):
             raise bad("store_url", "must be sqlite:///path or mongodb://...")
         if self.env not in ("development", "production"):

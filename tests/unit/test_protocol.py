@@ -275,7 +275,9 @@ def test_protocol_error_shape() -> None:
 def test_codes() -> None:
     assert ErrorCode.NOT_CANCELLABLE.value == "not_cancellable"
     assert ErrorCode.INTERNAL.value == "internal"
-    assert len({c.value for c in ErrorCode}) == len(ErrorCode) == 19
+    assert ErrorCode.RESULT_TOO_LARGE.value == "result_too_large"  # 1.1
+    assert ErrorCode.QUOTA_EXCEEDED.value == "quota_exceeded"  # 1.1
+    assert len({c.value for c in ErrorCode}) == len(ErrorCode) == 21
     assert CloseCode.TOO_BIG.value == 1009
     assert CloseCode.TAKEN_OVER.value == 4409
     assert CloseCode.SLOW_CONSUMER.value == 4503
