@@ -19,6 +19,8 @@ from pathlib import Path
 import pytest
 
 from server.store import (
+    Budget,
+    BudgetExceeded,
     Fenced,
     NewRequest,
     RequestState,
@@ -28,6 +30,7 @@ from server.store import (
     StoreError,
     User,
     UserExists,
+    UserUsage,
     open_store,
 )
 from server.store.mongodb import MongoStore
@@ -616,3 +619,133 @@ async def test_seqs_of_finds_the_ids_a_session_has(store: Store) -> None:
     assert await store.seqs_of(sid, []) == {}
     other = await new_session(store, "s2")
     assert await store.seqs_of(other, ["c1"]) == {}
+
+
+# -- per-user budgets ------------------------------------------------------------------
+async def test_create_session_refuses_past_the_users_live_sessions(store: Store) -> None:
+    now = time.time()
+    limits = {"max_sessions": 3, "max_connections": 2, "now": now}
+    await store.create_session("a", "alice", "A", FAR, **limits)
+    await store.create_session("b", "alice", "B", FAR, **limits)
+    # Two carried: a third connection is refused, a third session is not.
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.create_session("c", "alice", "A", FAR, **limits)
+    assert refused.value.budget is Budget.CONNECTIONS and refused.value.limit == 2
+    assert await store.get_session("c") is None
+    assert await store.set_carried("b", 1, False) is True  # b drains: no connection
+    await store.create_session("c", "alice", "A", FAR, **limits)
+    with pytest.raises(BudgetExceeded) as refused:  # a, b (draining) and c
+        await store.create_session("d", "alice", "A", FAR, **limits)
+    assert refused.value.budget is Budget.SESSIONS and refused.value.limit == 3
+    await store.create_session("e", "bob", "A", FAR, **limits)  # another user's own count
+    assert await store.usage("alice", now) == UserUsage(3, 2, 0, 0)
+    # A released session and a lapsed lease (a crashed owner) stop counting.
+    assert await store.release_session("b", 1)
+    assert await store.set_carried("a", 1, False)
+    await store.create_session("d", "alice", "A", now + 5, **limits)
+    with pytest.raises(BudgetExceeded):
+        await store.create_session("x", "alice", "A", FAR, **limits)
+    await store.create_session("x", "alice", "A", FAR, **{**limits, "now": now + 10})
+
+
+async def test_carried_follows_set_carried_claims_and_releases(store: Store) -> None:
+    now = time.time()
+    await store.create_session("a", "alice", "A", FAR, now=now)
+    assert (await store.usage("alice", now)).connections == 1
+    assert await store.set_carried("a", 7, False) is False  # not the current epoch
+    assert (await store.usage("alice", now)).connections == 1
+    epoch = await store.claim_session("a", "A", FAR, now)  # a new owner: no carrier yet
+    assert epoch == 2 and (await store.usage("alice", now)).connections == 0
+    assert await store.set_carried("a", 2, True) is True
+    assert (await store.usage("alice", now)) == UserUsage(1, 1, 0, 0)
+    assert await store.release_session("a", 2)
+    assert await store.usage("alice", now) == UserUsage(0, 0, 0, 0)
+
+
+async def test_add_requests_refuses_past_the_users_pending_budget(store: Store) -> None:
+    await store.create_session("s1", "alice", "A", FAR)
+    await store.create_session("s2", "alice", "B", FAR)
+    await store.create_session("s3", "bob", "B", FAR)
+    await store.add_requests("s1", 1, reqs(1, 2, 3), now=1.0, max_pending=5)
+    await store.add_requests("s2", 1, reqs(1, 2), now=1.0, max_pending=5)
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.add_requests("s2", 1, reqs(3), now=1.0, max_pending=5)
+    assert refused.value.budget is Budget.PENDING and refused.value.limit == 5
+    assert await store.get_request("s2", 3) is None
+    assert (await session_of(store, "s2")).last_seq == 2  # nothing of it was stored
+    with pytest.raises(BudgetExceeded):  # a batch larger than the budget on its own
+        await store.add_requests("s3", 1, reqs(*range(1, 7)), now=1.0, max_pending=5)
+    await store.add_requests("s3", 1, reqs(1, 2, 3, 4, 5), now=1.0, max_pending=5)
+    assert (await store.usage("alice")).pending == 5
+    # Finishing, cancelling (no epoch) and removing free the budget.
+    await store.finish_request("s1", 1, 1, '{"type":"result"}', False, 2.0)
+    await store.finish_request("s1", 1, 1, '{"type":"result"}', False, 2.0)  # twice: once
+    await store.finish_request("s1", 2, None, '{"type":"cancelled"}', True, 2.0)
+    await store.finish_requests("s2", 1, [(1, "{}", False), (1, "{}", False)], 2.0)
+    await store.remove_requests("s2", 1, [2, 99])
+    assert (await store.usage("alice")).pending == 1
+    await store.add_requests("s2", 1, reqs(2, 3, 4, 5), now=3.0, max_pending=5)
+    assert (await store.usage("alice")).pending == 5
+    assert (await store.usage("bob")).pending == 5
+
+
+async def test_kv_bytes_are_counted_and_capped_per_user(store: Store) -> None:
+    await store.kv_put("alice", "k", '"0123456789"', max_bytes=30)  # 1 + 12 bytes
+    await store.kv_put("alice", "é", '"x"', max_bytes=30)  # 2 + 3 bytes
+    assert (await store.usage("alice")).kv_bytes == 18
+    with pytest.raises(BudgetExceeded) as refused:
+        await store.kv_put("alice", "big", '"' + "x" * 12 + '"', max_bytes=30)
+    assert refused.value.budget is Budget.KV_BYTES and refused.value.limit == 30
+    assert await store.kv_get("alice", "big") is None
+    with pytest.raises(BudgetExceeded):  # growing one value past the total
+        await store.kv_put("alice", "k", '"' + "x" * 30 + '"', max_bytes=30)
+    assert await store.kv_get("alice", "k") == '"0123456789"'
+    await store.kv_put("alice", "k", "1", max_bytes=30)  # shrinking frees bytes
+    await store.kv_put("alice", "big", '"' + "x" * 12 + '"', max_bytes=30)
+    await store.kv_put("bob", "big", '"' + "x" * 25 + '"', max_bytes=30)  # bob's own total
+    assert (await store.usage("alice")).kv_bytes == 2 + 5 + 17
+    assert await store.kv_delete("alice", "big")
+    assert (await store.usage("alice")).kv_bytes == 7
+    with pytest.raises(BudgetExceeded):  # one entry larger than the whole budget
+        await store.kv_put("carol", "k", '"' + "x" * 40 + '"', max_bytes=30)
+
+
+async def test_kv_list_pages_after_a_key(store: Store) -> None:
+    for key in ("a", "b.1", "b.2", "b.3", "c"):
+        await store.kv_put("alice", key, "1")
+    first = await store.kv_list("alice", "b.", limit=2)
+    assert [k for k, _ in first] == ["b.1", "b.2"]
+    rest = await store.kv_list("alice", "b.", limit=2, after="b.2")
+    assert [k for k, _ in rest] == ["b.3"]
+    assert [k for k, _ in await store.kv_list("alice", "", limit=10, after="b.3")] == ["c"]
+
+
+async def test_a_store_from_before_budgets_derives_them_once(tmp_path: Path) -> None:
+    path = tmp_path / "old.db"
+    with sqlite3.connect(path) as db:  # the schema as it was before budgets
+        from server.store.sqlite_schema import SCHEMA
+
+        db.executescript(SCHEMA)
+        db.execute(
+            "INSERT INTO sessions VALUES ('s1', 'alice', 0, 3, 'A', 1, ?)", (FAR,)
+        )
+        db.executemany(
+            "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at)"
+            " VALUES ('s1', ?, ?, 'echo', '{}', ?, 0)",
+            [(1, "c1", "done"), (2, "c2", "running"), (3, "c3", "queued")],
+        )
+        db.execute("INSERT INTO kv VALUES ('alice', 'k', '\"v\"')")
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.usage("alice") == UserUsage(1, 0, 2, 4)
+        with pytest.raises(BudgetExceeded):
+            await store.add_requests("s1", 1, reqs(4), now=1.0, max_pending=2)
+    finally:
+        await store.close()
+    again = SqliteStore(path)  # opening again derives nothing twice
+    await again.open()
+    try:
+        assert (await again.usage("alice")).pending == 2
+    finally:
+        await again.close()

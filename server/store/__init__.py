@@ -10,6 +10,8 @@ deployment loads only the driver it uses.
 from __future__ import annotations
 
 from .base import (
+    Budget,
+    BudgetExceeded,
     Fenced,
     NewRequest,
     RequestRecord,
@@ -20,9 +22,12 @@ from .base import (
     StoreError,
     User,
     UserExists,
+    UserUsage,
 )
 
 __all__ = [
+    "Budget",
+    "BudgetExceeded",
     "Fenced",
     "NewRequest",
     "RequestRecord",
@@ -33,6 +38,7 @@ __all__ = [
     "StoreError",
     "User",
     "UserExists",
+    "UserUsage",
     "open_store",
 ]
 

@@ -17,6 +17,13 @@ Contract highlights that callers rely on:
   This is what makes "exactly one final frame per seq" hold across crashes.
 * Final frames are stored as the exact JSON text that was (or will be) sent, so
   ``resume`` re-sends them byte for byte.
+* Per-user budgets (PROTOCOL.md, "Budgets across a user's connections" and
+  "Quotas") are enforced here, so every process and replica on one store
+  shares one count: ``create_session``, ``add_requests`` and ``kv_put`` take
+  the limits and raise :class:`BudgetExceeded`, storing nothing, in the same
+  transaction (or conditional update) as the write. A session counts against
+  its user while some process owns it with a live lease (open or draining);
+  a crashed process's sessions stop counting when their lease lapses.
 
 Backends may group concurrent writes into one transaction (group commit); the
 methods' semantics are the same as if each ran alone.
@@ -44,6 +51,29 @@ class UserExists(StoreError):
 
 class Fenced(StoreError):
     """The write came from an owner whose epoch is no longer the session's."""
+
+
+class Budget(StrEnum):
+    """The per-user budgets the store enforces (metric label values too)."""
+
+    SESSIONS = "sessions"  # open or draining sessions (SESSIONQ_MAX_SESSIONS_PER_USER)
+    CONNECTIONS = "connections"  # of those, the ones a connection carries
+    PENDING = "pending"  # unfinished requests over all sessions
+    KV_BYTES = "kv_bytes"  # bytes of keys and values in the key-value data
+
+
+class BudgetExceeded(Exception):
+    """A per-user budget refused the write; nothing of it was stored.
+
+    Not a StoreError: the store works, the user is at a limit."""
+
+    def __init__(self, budget: Budget | str, limit: int) -> None:
+        super().__init__(str(budget), limit)  # args: what pickling rebuilds it from
+        self.budget = Budget(budget)
+        self.limit = limit
+
+    def __str__(self) -> str:
+        return f"the user's {self.budget} budget ({self.limit}) is used up"
 
 
 class RequestState(StrEnum):
@@ -98,6 +128,21 @@ class SessionCounts:
     last_seq: int  # highest seq accepted
     last_done: int  # highest seq such that every seq <= it is DONE
     pending: int  # requests not DONE
+
+
+@dataclass(frozen=True, slots=True)
+class UserUsage:
+    """What one user uses of each budget (``Store.usage``)."""
+
+    sessions: int  # sessions some process owns with a live lease
+    connections: int  # of those, the ones a connection carries
+    pending: int  # unfinished requests over all the user's sessions
+    kv_bytes: int  # UTF-8 bytes of the user's keys plus their values
+
+
+def kv_size(key: str, value: str) -> int:
+    """What one key-value entry counts against ``kv_bytes``."""
+    return len(key.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
 
 
 def _timed(
@@ -161,9 +206,32 @@ class Store(abc.ABC):
     # -- sessions and ownership ----------------------------------------------
     @abc.abstractmethod
     async def create_session(
-        self, session_id: str, username: str, owner: str, lease_until: float
+        self,
+        session_id: str,
+        username: str,
+        owner: str,
+        lease_until: float,
+        *,
+        max_sessions: int | None = None,
+        max_connections: int | None = None,
+        now: float | None = None,
     ) -> SessionRecord:
-        """Create a session owned by ``owner`` at epoch 1."""
+        """Create a session owned by ``owner`` at epoch 1, carried by a
+        connection. With limits given, raise BudgetExceeded (creating nothing)
+        if the user already has ``max_connections`` carried sessions, or
+        ``max_sessions`` sessions, that some owner holds with a lease that
+        has not ended at ``now`` (default: the current time)."""
+
+    @abc.abstractmethod
+    async def set_carried(self, session_id: str, epoch: int, carried: bool) -> bool:
+        """Record whether a connection carries the session (what
+        ``max_connections`` counts); a no-op returning False if ``epoch`` is
+        not current. ``claim_session`` and ``release_session`` clear it."""
+
+    @abc.abstractmethod
+    async def usage(self, username: str, now: float | None = None) -> UserUsage:
+        """What ``username`` uses of each budget (sessions counted as
+        ``create_session`` counts them at ``now``)."""
 
     @abc.abstractmethod
     async def get_session(self, session_id: str) -> SessionRecord | None: ...
@@ -201,12 +269,20 @@ class Store(abc.ABC):
     # -- requests ------------------------------------------------------------
     @abc.abstractmethod
     async def add_requests(
-        self, session_id: str, epoch: int, requests: Sequence[NewRequest], now: float
+        self,
+        session_id: str,
+        epoch: int,
+        requests: Sequence[NewRequest],
+        now: float,
+        *,
+        max_pending: int | None = None,
     ) -> None:
         """Store requests as QUEUED, durably, and raise the session's last_seq
         to the highest seq given. Raises Fenced if epoch is not current (or the
         session is gone), and plain StoreError, storing none of them, if a seq
-        or client id is already in the session."""
+        or client id is already in the session. With ``max_pending``, raises
+        BudgetExceeded (storing none of them) if the user's unfinished
+        requests over all sessions plus these would exceed it."""
 
     @abc.abstractmethod
     async def remove_requests(self, session_id: str, epoch: int, seqs: Sequence[int]) -> None:
@@ -310,8 +386,13 @@ class Store(abc.ABC):
 
     # -- key-value (per user) ------------------------------------------------
     @abc.abstractmethod
-    async def kv_put(self, username: str, key: str, value: str) -> None:
-        """Set key to value (JSON text)."""
+    async def kv_put(
+        self, username: str, key: str, value: str, *, max_bytes: int | None = None
+    ) -> None:
+        """Set key to value (JSON text). With ``max_bytes``, raise
+        BudgetExceeded (changing nothing) if the user's entries would then
+        take more than that many bytes (:func:`kv_size` each); a put that
+        does not grow the total always succeeds."""
 
     @abc.abstractmethod
     async def kv_get(self, username: str, key: str) -> str | None: ...
@@ -321,5 +402,8 @@ class Store(abc.ABC):
         """Delete; return whether the key existed."""
 
     @abc.abstractmethod
-    async def kv_list(self, username: str, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
-        """(key, value) pairs whose key starts with prefix, sorted by key."""
+    async def kv_list(
+        self, username: str, prefix: str, limit: int = 1000, after: str | None = None
+    ) -> list[tuple[str, str]]:
+        """(key, value) pairs whose key starts with prefix, sorted by key; the
+        first ``limit`` of them, of the keys above ``after`` if given (a page)."""

@@ -39,6 +39,8 @@ from .base import (
     Store,
     StoreError,
     User,
+    UserUsage,
+    kv_size,
 )
 from .sqlite_schema import REQUEST_COLUMNS, SESSION_COLUMNS, setup
 from .sqlite_writer import GroupCommit, WriterProcess
@@ -142,11 +144,39 @@ class SqliteStore(Store):
 
     # -- sessions and ownership ----------------------------------------------
     async def create_session(
-        self, session_id: str, username: str, owner: str, lease_until: float
+        self,
+        session_id: str,
+        username: str,
+        owner: str,
+        lease_until: float,
+        *,
+        max_sessions: int | None = None,
+        max_connections: int | None = None,
+        now: float | None = None,
     ) -> SessionRecord:
-        record = SessionRecord(session_id, username, time.time(), 0, owner, 1, lease_until)
-        await self._write(writes.insert_session, record)
+        created = time.time()
+        record = SessionRecord(session_id, username, created, 0, owner, 1, lease_until)
+        await self._write(
+            writes.insert_session, record, max_sessions, max_connections,
+            created if now is None else now,
+        )  # fmt: skip
         return record
+
+    async def set_carried(self, session_id: str, epoch: int, carried: bool) -> bool:
+        return await self._write(writes.set_carried, session_id, epoch, carried)
+
+    async def usage(self, username: str, now: float | None = None) -> UserUsage:
+        at = time.time() if now is None else now
+
+        def read(c: sqlite3.Connection) -> UserUsage:
+            sessions, carried = writes.usage_sessions(c, username, at)
+            row = one(
+                c, "SELECT pending, kv_bytes FROM user_budgets WHERE username = ?", (username,)
+            )
+            pending, kv_bytes = (0, 0) if row is None else row
+            return UserUsage(sessions, carried, int(pending), int(kv_bytes))
+
+        return await self._read(read)
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         row = await self._read(
@@ -177,7 +207,8 @@ class SqliteStore(Store):
     async def release_session(self, session_id: str, epoch: int) -> bool:
         changed = await self._write(
             writes.rowcount,
-            "UPDATE sessions SET owner = NULL, lease_until = 0 WHERE session_id = ? AND epoch = ?",
+            "UPDATE sessions SET owner = NULL, lease_until = 0, carried = 0"
+            " WHERE session_id = ? AND epoch = ?",
             (session_id, epoch),
         )
         return changed == 1
@@ -194,12 +225,18 @@ class SqliteStore(Store):
 
     # -- requests ------------------------------------------------------------
     async def add_requests(
-        self, session_id: str, epoch: int, requests: Sequence[NewRequest], now: float
+        self,
+        session_id: str,
+        epoch: int,
+        requests: Sequence[NewRequest],
+        now: float,
+        *,
+        max_pending: int | None = None,
     ) -> None:
         if not requests:
             return
         rows = [(r.seq, r.client_id, r.op, r.args) for r in requests]
-        await self._write(writes.add_requests, session_id, epoch, rows, now)
+        await self._write(writes.add_requests, session_id, epoch, rows, now, max_pending)
 
     async def remove_requests(self, session_id: str, epoch: int, seqs: Sequence[int]) -> None:
         if seqs:
@@ -360,13 +397,10 @@ class SqliteStore(Store):
                 return total
 
     # -- key-value (per user) ------------------------------------------------
-    async def kv_put(self, username: str, key: str, value: str) -> None:
-        await self._write(
-            writes.rowcount,
-            "INSERT INTO kv (username, key, value) VALUES (?, ?, ?)"
-            " ON CONFLICT (username, key) DO UPDATE SET value = excluded.value",
-            (username, key, value),
-        )
+    async def kv_put(
+        self, username: str, key: str, value: str, *, max_bytes: int | None = None
+    ) -> None:
+        await self._write(writes.kv_put, username, key, value, kv_size(key, value), max_bytes)
 
     async def kv_get(self, username: str, key: str) -> str | None:
         row = await self._read(
@@ -375,17 +409,19 @@ class SqliteStore(Store):
         return None if row is None else str(row[0])
 
     async def kv_delete(self, username: str, key: str) -> bool:
-        deleted = await self._write(
-            writes.rowcount, "DELETE FROM kv WHERE username = ? AND key = ?", (username, key)
-        )
-        return deleted == 1
+        return await self._write(writes.kv_delete, username, key)
 
-    async def kv_list(self, username: str, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
+    async def kv_list(
+        self, username: str, prefix: str, limit: int = 1000, after: str | None = None
+    ) -> list[tuple[str, str]]:
         # A key range rather than LIKE: LIKE ignores ASCII case and treats % and _
         # as wildcards. Keys compare by code point (BINARY collation on UTF-8).
         end = _prefix_end(prefix)
         sql = "SELECT key, value FROM kv WHERE username = ? AND key >= ?"
         params: tuple[Any, ...] = (username, prefix)
+        if after is not None:
+            sql += " AND key > ?"
+            params += (after,)
         if end is not None:
             sql += " AND key < ?"
             params += (end,)

@@ -77,6 +77,30 @@ REQUEST_COLUMNS = (
 )
 SESSION_COLUMNS = "session_id, username, created_at, last_seq, owner, epoch, lease_until"
 
+# Per-user budgets (store/base.py). ``sessions.carried``: a connection carries
+# the session. ``user_budgets`` keeps each user's unfinished requests and kv
+# bytes as counters, changed in the same transactions as the rows they count,
+# so a conditional UPDATE of one row checks a budget. A store made before
+# budgets existed gets them here once, derived from its rows.
+MIGRATE_BUDGETS = """
+ALTER TABLE sessions ADD COLUMN carried INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE user_budgets (
+    username TEXT PRIMARY KEY,
+    pending INTEGER NOT NULL DEFAULT 0,
+    kv_bytes INTEGER NOT NULL DEFAULT 0
+);
+INSERT INTO user_budgets (username, pending, kv_bytes)
+SELECT username, sum(pending), sum(kv_bytes) FROM (
+    SELECT s.username AS username, count(*) AS pending, 0 AS kv_bytes
+    FROM requests r JOIN sessions s ON s.session_id = r.session_id
+    WHERE r.state != 'done' GROUP BY s.username
+    UNION ALL
+    SELECT username, 0, sum(length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)))
+    FROM kv GROUP BY username
+) GROUP BY username;
+"""
+BUDGET_INDEXES = "CREATE INDEX IF NOT EXISTS sessions_user ON sessions (username, lease_until)"
+
 
 def configure(c: sqlite3.Connection) -> None:
     """Per-connection settings (the writer's; WAL mode is the file's, set once)."""
@@ -99,3 +123,22 @@ def setup(c: sqlite3.Connection) -> None:
             time.sleep(delay)  # on aiosqlite's thread, at start-up
     configure(c)
     c.executescript(SCHEMA)
+    migrate(c)
+
+
+def migrate(c: sqlite3.Connection) -> None:
+    """Add what later versions need to a store made by an earlier one, once
+    (``--workers N`` may all try at once: the write lock serializes them)."""
+    c.execute("BEGIN IMMEDIATE")
+    try:
+        if not c.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'user_budgets'"
+        ).fetchall():
+            for statement in MIGRATE_BUDGETS.split(";"):
+                if statement.strip():
+                    c.execute(statement)
+        c.execute(BUDGET_INDEXES)
+        c.execute("COMMIT")
+    except BaseException:
+        c.execute("ROLLBACK")
+        raise

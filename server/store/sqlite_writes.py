@@ -24,7 +24,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import Fenced, SessionRecord, StoreError, UserExists
+from .base import Budget, BudgetExceeded, Fenced, SessionRecord, StoreError, UserExists
 from .sqlite_schema import SESSION_COLUMNS
 
 # One write of a batch: a function of this module and its args; it is called
@@ -129,14 +129,50 @@ def insert_user(
         raise UserExists(username) from e
 
 
-def insert_session(c: sqlite3.Connection, r: SessionRecord) -> None:
+def insert_session(
+    c: sqlite3.Connection,
+    r: SessionRecord,
+    max_sessions: int | None = None,
+    max_connections: int | None = None,
+    now: float = 0.0,
+) -> None:
+    """Insert a carried session, if the user's live sessions (and carried
+    ones) are under their limits: the count and the insert are one
+    transaction, which the writer's lock makes the only one on the file."""
+    if max_sessions is not None or max_connections is not None:
+        sessions, carried = usage_sessions(c, r.username, now)
+        if max_sessions is not None and sessions >= max_sessions:
+            raise BudgetExceeded(Budget.SESSIONS, max_sessions)
+        if max_connections is not None and carried >= max_connections:
+            raise BudgetExceeded(Budget.CONNECTIONS, max_connections)
     try:
         c.execute(
-            f"INSERT INTO sessions ({SESSION_COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            f"INSERT INTO sessions ({SESSION_COLUMNS}, carried) VALUES (?, ?, ?, ?, ?, ?, ?, 1)",
             (r.session_id, r.username, r.created_at, r.last_seq, r.owner, r.epoch, r.lease_until),
         )
     except sqlite3.IntegrityError as e:
         raise StoreError(f"session {r.session_id} exists") from e
+
+
+def usage_sessions(c: sqlite3.Connection, username: str, now: float) -> tuple[int, int]:
+    """(live sessions, carried live sessions) of ``username`` at ``now``."""
+    row = one(
+        c,
+        "SELECT count(*), coalesce(sum(carried), 0) FROM sessions"
+        " WHERE username = ? AND lease_until >= ? AND owner IS NOT NULL",
+        (username, now),
+    )
+    return int(row[0]), int(row[1])
+
+
+def _pending_changed(c: sqlite3.Connection, session_id: str, delta: int) -> None:
+    """The session's user has ``delta`` more (or fewer) unfinished requests."""
+    if delta:
+        c.execute(
+            "UPDATE user_budgets SET pending = max(0, pending + ?)"
+            " WHERE username = (SELECT username FROM sessions WHERE session_id = ?)",
+            (delta, session_id),
+        )
 
 
 def claim_session(
@@ -144,7 +180,7 @@ def claim_session(
 ) -> int | None:
     row = one(
         c,
-        "UPDATE sessions SET owner = ?, lease_until = ?, epoch = epoch + 1"
+        "UPDATE sessions SET owner = ?, lease_until = ?, epoch = epoch + 1, carried = 0"
         " WHERE session_id = ? AND (owner IS NULL OR lease_until < ? OR owner = ?)"
         " RETURNING epoch",
         (owner, lease_until, session_id, now, owner),
@@ -158,8 +194,24 @@ def add_requests(
     epoch: int,
     rows: Sequence[tuple[int, str, str, str]],
     now: float,
+    max_pending: int | None = None,
 ) -> None:
     check_epoch(c, session_id, epoch)
+    count = len(rows)
+    if max_pending is not None and count > max_pending:
+        raise BudgetExceeded(Budget.PENDING, max_pending)
+    # The user's counter goes up only if it stays within the budget (one row,
+    # one conditional statement); a failed insert below rolls it back.
+    taken = c.execute(
+        "INSERT INTO user_budgets (username, pending)"
+        " SELECT username, ? FROM sessions WHERE session_id = ?"
+        " ON CONFLICT (username) DO UPDATE SET pending = pending + excluded.pending"
+        " WHERE ?3 IS NULL OR pending + excluded.pending <= ?3",
+        (count, session_id, max_pending),
+    ).rowcount
+    if taken != 1:
+        assert max_pending is not None
+        raise BudgetExceeded(Budget.PENDING, max_pending)
     # One statement for the whole batch rather than one per row.
     sql = (
         "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at) VALUES "
@@ -182,10 +234,11 @@ def remove_requests(
     c: sqlite3.Connection, session_id: str, epoch: int, seqs: Sequence[int]
 ) -> None:
     check_epoch(c, session_id, epoch)
-    c.executemany(
+    deleted = c.executemany(
         "DELETE FROM requests WHERE session_id = ? AND seq = ? AND state = 'queued'",
         [(session_id, seq) for seq in seqs],
-    )
+    ).rowcount
+    _pending_changed(c, session_id, -deleted)
     row = one(c, "SELECT max(seq) FROM requests WHERE session_id = ?", (session_id,))
     highest = row[0] if row and row[0] is not None else 0
     c.execute(
@@ -216,8 +269,11 @@ def finish_request(
         " WHERE session_id = ? AND seq = ? AND state != 'done'",
         (final, int(failed), now, session_id, seq),
     )
+    stored = cur.rowcount == 1
+    if stored:
+        _pending_changed(c, session_id, -1)
     started = None if start_next is None else _start(c, session_id, start_next)
-    return cur.rowcount == 1, started
+    return stored, started
 
 
 def finish_requests(
@@ -237,7 +293,66 @@ def finish_requests(
         " AND requests.state != 'done' RETURNING requests.seq"
     )
     params = [now, *(v for row in values for v in row), session_id]
-    return [row[0] for row in c.execute(sql, params).fetchall()]
+    finished = [row[0] for row in c.execute(sql, params).fetchall()]
+    _pending_changed(c, session_id, -len(finished))
+    return finished
+
+
+def set_carried(c: sqlite3.Connection, session_id: str, epoch: int, carried: bool) -> bool:
+    return (
+        c.execute(
+            "UPDATE sessions SET carried = ? WHERE session_id = ? AND epoch = ?",
+            (int(carried), session_id, epoch),
+        ).rowcount
+        == 1
+    )
+
+
+def kv_put(
+    c: sqlite3.Connection, username: str, key: str, value: str, size: int, max_bytes: int | None
+) -> None:
+    """Set a key; the user's kv_bytes move by the size difference, within
+    ``max_bytes`` when the entry grows."""
+    row = one(
+        c,
+        "SELECT length(CAST(key AS BLOB)) + length(CAST(value AS BLOB)) FROM kv"
+        " WHERE username = ? AND key = ?",
+        (username, key),
+    )
+    delta = size - (int(row[0]) if row else 0)
+    limit = max_bytes if delta > 0 else None
+    if limit is not None and delta > limit:
+        raise BudgetExceeded(Budget.KV_BYTES, limit)
+    changed = c.execute(
+        "INSERT INTO user_budgets (username, kv_bytes) VALUES (?1, max(0, ?2))"
+        " ON CONFLICT (username) DO UPDATE SET kv_bytes = max(0, kv_bytes + ?2)"
+        " WHERE ?3 IS NULL OR kv_bytes + ?2 <= ?3",
+        (username, delta, limit),
+    ).rowcount
+    if changed != 1:
+        assert max_bytes is not None
+        raise BudgetExceeded(Budget.KV_BYTES, max_bytes)
+    c.execute(
+        "INSERT INTO kv (username, key, value) VALUES (?, ?, ?)"
+        " ON CONFLICT (username, key) DO UPDATE SET value = excluded.value",
+        (username, key, value),
+    )
+
+
+def kv_delete(c: sqlite3.Connection, username: str, key: str) -> bool:
+    row = one(
+        c,
+        "DELETE FROM kv WHERE username = ? AND key = ?"
+        " RETURNING length(CAST(key AS BLOB)) + length(CAST(value AS BLOB))",
+        (username, key),
+    )
+    if row is None:
+        return False
+    c.execute(
+        "UPDATE user_budgets SET kv_bytes = max(0, kv_bytes - ?) WHERE username = ?",
+        (int(row[0]), username),
+    )
+    return True
 
 
 def _start(c: sqlite3.Connection, session_id: str, seq: int) -> int:
