@@ -3,6 +3,15 @@
 The handler parses and dispatches; the session object holds the state and the
 rules. Every exit path goes through one ``finally`` that hands the session
 over to draining, stops the writer and frees the user's connection slot.
+
+Budgets (PROTOCOL.md, "Budgets across a user's connections"): the store
+counts a user's sessions and the ones a connection carries, over every
+process and replica, and refuses the new session of an authentication beyond
+either limit; the connection then closes with 4429 ("too many sessions" or
+"too many connections"). Each connection tells the store when it starts or
+stops carrying a session (once per change, never per request). The
+per-process count of connections is only a pre-check that spares the store
+a write.
 """
 
 from __future__ import annotations
@@ -38,7 +47,7 @@ from server import metrics
 from server.auth import AuthError, Identity
 from server.errors import SessionUnavailable, error_frame
 from server.outbox import Outbox
-from server.store import StoreError
+from server.store import BudgetExceeded, StoreError
 
 if TYPE_CHECKING:
     from server.ports import ConnectionHost
@@ -146,12 +155,18 @@ class Connection:
             if identity is None:
                 return
             if not self.server.take_user_slot(identity.username):
+                metrics.budget_hit("connections")
                 await self.close_now(CloseCode.TOO_MANY_CONNECTIONS, "too many connections")
                 return
             slot = True
             self.identity = identity
             self.log = self.log.bind(user=identity.username)
-            session = await self.server.new_session(identity.username)
+            try:
+                session = await self.server.new_session(identity.username)
+            except BudgetExceeded as exc:
+                metrics.budget_hit(exc.budget.value)
+                await self.close_now(CloseCode.TOO_MANY_CONNECTIONS, f"too many {exc.budget}")
+                return
             self._attach(session)
             self.outbox.push(self._welcome(identity, session.session_id))
             self._schedule_expiry(identity)
@@ -166,6 +181,8 @@ class Connection:
                 self._expiry.cancel()
             if self.session is not None:
                 self.session.detach(self.outbox)
+                if self.session.outbox is None:  # it was ours: no connection carries it now
+                    await _carried(self.session, False)
             if slot and self.identity is not None:
                 self.server.free_user_slot(self.identity.username)
             await self.outbox.stop()
@@ -314,8 +331,9 @@ class Connection:
         with 1011 (run()): the client resumes again."""
         assert self.identity is not None and self.session is not None
         try:
-            if frame.session == self.session.session_id:
-                target = self.session
+            previous = self.session
+            if frame.session == previous.session_id:
+                target = previous
             else:
                 username = self.identity.username
                 target = await self.server.take_session(frame.session, username, self)
@@ -323,6 +341,20 @@ class Connection:
         except SessionUnavailable as exc:
             self.log.debug("resume of {} refused: {!r}", frame.session, exc)
             self.outbox.push(error_frame(exc))
+            return
+        if target is not previous:
+            await _carried(target, True)
+            if previous.outbox is None:
+                await _carried(previous, False)
+
+
+async def _carried(session: Session, carried: bool) -> None:
+    """Tell the store whether a connection carries ``session`` (what
+    SESSIONQ_MAX_CONNECTIONS_PER_USER counts across processes)."""
+    try:
+        await session.store.set_carried(session.session_id, session.epoch, carried)
+    except StoreError as exc:  # the count catches up with the next change or release
+        session.log.warning("could not record the session's connection: {}", exc)
 
 
 def _unauthorized(frame: ClientFrame) -> bytes:

@@ -12,7 +12,11 @@ through :meth:`SessionDirectory._claim_once`:
   process died or shut down) is adopted and drained;
 * a new session is created here, owned from the start.
 
-It also counts each user's open connections (``SESSIONQ_MAX_CONNECTIONS_PER_USER``).
+A new session is created through the store, which refuses it (BudgetExceeded)
+when the user is at ``SESSIONQ_MAX_SESSIONS_PER_USER`` live sessions or
+``SESSIONQ_MAX_CONNECTIONS_PER_USER`` carried ones over every process and
+replica. The per-process count of each user's connections here is only a
+cheap pre-check of the latter.
 """
 
 from __future__ import annotations
@@ -73,7 +77,7 @@ class SessionDirectory:
         self._claim_locks: dict[str, asyncio.Lock] = {}
         self._crashed_owner: set[str] = set()  # claimed from a dead owner, not yet started
 
-    # -- per-user connection slots -------------------------------------------------
+    # -- per-user connection slots (a pre-check; the store holds the real count) -----
     def take_user_slot(self, username: str) -> bool:
         key = username.lower()
         if self.user_connections[key] >= self.settings.max_connections_per_user:
@@ -118,10 +122,17 @@ class SessionDirectory:
 
     # -- new sessions and resumes ------------------------------------------------------
     async def new_session(self, username: str) -> Session:
+        """A new session owned here; raises BudgetExceeded when the user's
+        sessions or connections are at their limit (deployment-wide)."""
         session_id = secrets.token_urlsafe(16)
+        now = time.time()
+        settings = self.settings
         record = await self.store.create_session(
-            session_id, username, self.owner, time.time() + self.settings.lease_seconds
-        )
+            session_id, username, self.owner, now + settings.lease_seconds,
+            max_sessions=settings.max_sessions_per_user,
+            max_connections=settings.max_connections_per_user,
+            now=now,
+        )  # fmt: skip
         session = self._make_session(session_id, username, record.epoch, 0)
         session.log.info("session opened")
         await session.start()

@@ -62,6 +62,7 @@ REFUSAL_CODES = tuple(
 )
 FINAL_OUTCOMES = ("result", "handler_error", "timeout", "cancelled", "crashed", "result_too_large")
 CONSUMER_FAILURE_CAUSES = ("error", "fenced")
+BUDGETS = ("sessions", "connections", "pending", "kv_bytes")  # server.store.Budget
 TAKEOVER_HOWS = ("resume", "adopt")
 AUTH_METHODS = ("handshake", "auth", "login", "register")
 # The store calls on every request's path (the op label is the store method).
@@ -125,6 +126,11 @@ consumer_failures = Counter(
     f"{NS}_consumer_failures_total", "Session consumers that ended on an error", ["cause"]
 )
 closes = Counter(f"{NS}_closes_total", "Connections closed by the server", ["code"])
+budget_refusals = Counter(
+    f"{NS}_budget_refusals_total",
+    "Per-user budgets that refused something (no user label), by budget",
+    ["budget"],
+)
 progress_dropped = Counter(
     f"{NS}_progress_dropped_total", "Progress frames over SESSIONQ_MAX_RESULT_BYTES, not sent"
 )
@@ -143,6 +149,8 @@ def prime(ops: Iterable[str] = ()) -> None:
         closes.labels(str(int(close_code)))
     for cause in CONSUMER_FAILURE_CAUSES:
         consumer_failures.labels(cause)
+    for budget in BUDGETS:
+        budget_refusals.labels(budget)
     for how in TAKEOVER_HOWS:
         session_takeovers.labels(how)
     for method in AUTH_METHODS:
@@ -233,6 +241,12 @@ def session_moved(old: str | None, new: str | None) -> None:
 def closed(code: int) -> None:
     """The server closed a connection with ``code``."""
     _closed(code).inc()
+
+
+def budget_hit(budget: str) -> None:
+    """A per-user budget (``sessions``, ``connections``, ``pending``,
+    ``kv_bytes``) refused a session, a batch of submits or a put."""
+    budget_refusals.labels(budget).inc()
 
 
 def refused(code: str) -> None:

@@ -17,12 +17,13 @@ import asyncio
 import time
 from typing import TYPE_CHECKING
 
+from protocol import ErrorCode
 from server import metrics
 from server.broker import BrokerError
 from server.broker_message import encode_batch
 from server.errors import wire_error
 from server.session_core import Pending
-from server.store import Fenced, NewRequest, StoreError
+from server.store import BudgetExceeded, Fenced, NewRequest, StoreError
 
 if TYPE_CHECKING:
     from server.session import Session
@@ -32,6 +33,7 @@ __all__ = ["GATHER", "HOLD_MAX", "SLOW_OP", "SubmitPump"]
 GATHER = 0.002  # after a batch of several: time for the rest of the client's burst
 SLOW_OP = 0.01  # a running request this old is slow: stop holding submits for it
 HOLD_MAX = 0.25  # longest a submit waits for the session's previous batch
+PENDING_PER_USER = "too many unfinished requests over the user's sessions; wait for results"
 
 
 def _wake(future: asyncio.Future[None]) -> None:
@@ -131,7 +133,16 @@ class SubmitPump:
                 NewRequest(first + i, p.frame.id, p.frame.op, p.args_json)
                 for i, p in enumerate(batch)
             ]
-            await s.store.add_requests(s.session_id, s.epoch, records, time.time())
+            await s.store.add_requests(
+                s.session_id, s.epoch, records, time.time(),
+                max_pending=s.settings.max_pending_per_user,
+            )  # fmt: skip
+        except BudgetExceeded:
+            # Nothing of the batch was stored (the store's check and insert
+            # are one write): refuse it whole, without seqs.
+            metrics.budget_hit("pending")
+            s.run(core.batch_refused(batch, ErrorCode.QUEUE_FULL, PENDING_PER_USER))
+            return
         except StoreError as exc:
             s.log.warning("storing {} requests failed: {}", len(batch), exc)
             if isinstance(exc, Fenced):

@@ -82,6 +82,11 @@ class Settings:
     auth_tries: int = 5
     bcrypt_rounds: int = 12
     keepalive: float = 20.0
+    # Per-user budgets, across every process and replica on one store.
+    max_sessions_per_user: int = 20  # open or draining sessions (4429 beyond)
+    max_pending_per_user: int = 5000  # unfinished requests, all sessions (queue_full)
+    kv_max_value_bytes: int = 65_536  # one kv.put value, JSON-encoded (bad_request)
+    kv_max_bytes_per_user: int = 16_777_216  # keys plus values (quota_exceeded)
 
     @property
     def production(self) -> bool:
@@ -176,7 +181,11 @@ class Settings:
             "slow_client_timeout", "lease_seconds", "login_failures", "login_window",
             "auth_tries", "bcrypt_rounds", "keepalive", "max_result_bytes",
         )  # fmt: skip
-        for name in positive:
+        budgets = (
+            "max_sessions_per_user", "max_pending_per_user", "kv_max_value_bytes",
+            "kv_max_bytes_per_user",
+        )  # fmt: skip
+        for name in (*positive, *budgets):
             if getattr(self, name) <= 0:
                 raise bad(name, "must be greater than 0")
         for name in ("max_submits_per_second", "max_sleep", "shutdown_grace"):

@@ -726,9 +726,7 @@ async def test_a_store_from_before_budgets_derives_them_once(tmp_path: Path) -> 
         from server.store.sqlite_schema import SCHEMA
 
         db.executescript(SCHEMA)
-        db.execute(
-            "INSERT INTO sessions VALUES ('s1', 'alice', 0, 3, 'A', 1, ?)", (FAR,)
-        )
+        db.execute("INSERT INTO sessions VALUES ('s1', 'alice', 0, 3, 'A', 1, ?)", (FAR,))
         db.executemany(
             "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at)"
             " VALUES ('s1', ?, ?, 'echo', '{}', ?, 0)",

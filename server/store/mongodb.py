@@ -22,6 +22,22 @@ guarantee rests on single-document atomicity and unique indexes instead:
   stale ``finish_request`` in that window stores the request's one genuine
   final, which is harmless by the state filter above.
 
+Per-user budgets (store/base.py), without transactions:
+
+* ``pending`` and ``kv_bytes`` are counters in one ``budgets`` document per
+  user, taken by a conditional ``find_one_and_update`` (``{"pending": {"$lte":
+  max - n}}`` with ``$inc``) before the requests are inserted, and given back
+  if the insert then fails; finishing, cancelling and removing requests give
+  them back too. A store made before budgets gets the counters derived once
+  from its documents, by the first process that opens it.
+* Live sessions cannot be counted and inserted in one document update, so
+  ``create_session`` inserts first and then counts the user's live sessions
+  that come before it (by creation time, then id), itself included; if that
+  is over the limit it deletes itself and refuses. Of two creations that
+  race, the later one sees the earlier and yields, so the count never goes
+  over the limit (both may yield when they race a third: a refusal too many,
+  never one too few).
+
 PyMongo errors become StoreError (DuplicateKeyError on users: UserExists).
 ``serverSelectionTimeoutMS`` defaults to 3 s so ``ping`` and ``open`` fail fast
 when the server is gone.
@@ -42,6 +58,8 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .base import (
+    Budget,
+    BudgetExceeded,
     Fenced,
     NewRequest,
     RequestRecord,
@@ -52,6 +70,8 @@ from .base import (
     StoreError,
     User,
     UserExists,
+    UserUsage,
+    kv_size,
 )
 
 P = ParamSpec("P")
@@ -63,6 +83,8 @@ SERVER_SELECTION_TIMEOUT_MS = 3000
 DONE = RequestState.DONE.value
 NOT_DONE = {"$ne": DONE}
 PURGE_CHUNK = 1000  # sessions checked per round trip by purge
+USERS_CACHED = 100_000  # session id -> username, kept for the budget counters
+DERIVED = "budgets derived"  # the meta document that says the counters exist
 
 
 def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
@@ -88,6 +110,7 @@ class MongoStore(Store):
         self.database = database  # None: the URL's, else DEFAULT_DATABASE
         self._client: AsyncMongoClient[Doc] | None = None
         self._db: AsyncDatabase[Doc] | None = None
+        self._user_of: dict[str, str] = {}  # session id -> username (never changes)
 
     # -- lifecycle -----------------------------------------------------------
     async def open(self) -> None:
@@ -107,6 +130,7 @@ class MongoStore(Store):
                 else client.get_default_database(DEFAULT_DATABASE)
             )
             await _create_indexes(db)
+            await _derive_budgets(db)
         except PyMongoError as e:
             await client.close()
             raise StoreError(f"mongodb: cannot open the store: {e}") from e
@@ -142,6 +166,52 @@ class MongoStore(Store):
     def _kv(self) -> AsyncCollection[Doc]:
         return self._database()["kv"]
 
+    @property
+    def _budgets(self) -> AsyncCollection[Doc]:
+        return self._database()["budgets"]
+
+    def _remember(self, session_id: str, username: str) -> None:
+        if len(self._user_of) >= USERS_CACHED:
+            self._user_of.clear()
+        self._user_of[session_id] = username
+
+    async def _username(self, session_id: str) -> str | None:
+        username = self._user_of.get(session_id)
+        if username is None:
+            doc = await self._sessions.find_one({"_id": session_id}, {"username": True})
+            if doc is None:
+                return None
+            username = str(doc["username"])
+            self._remember(session_id, username)
+        return username
+
+    async def _take(self, username: str, field: str, n: int, limit: int | None) -> bool:
+        """Add ``n`` to the user's ``field`` counter if it stays within
+        ``limit`` (None: always); one conditional update."""
+        if limit is not None and n > limit:
+            return False
+        if limit is None or n <= 0:
+            await self._budgets.update_one({"_id": username}, {"$inc": {field: n}}, upsert=True)
+            return True
+        await self._budgets.update_one(
+            {"_id": username}, {"$setOnInsert": {"pending": 0, "kv_bytes": 0}}, upsert=True
+        )
+        doc = await self._budgets.find_one_and_update(
+            {"_id": username, field: {"$lte": limit - n}},
+            {"$inc": {field: n}},
+            projection={"_id": True},
+        )
+        return doc is not None
+
+    async def _give_back(self, session_id: str, n: int) -> None:
+        if n:
+            username = await self._username(session_id)
+            if username is not None:
+                await self._budgets.update_one({"_id": username}, {"$inc": {"pending": -n}})
+
+    def _live(self, username: str, now: float) -> Doc:
+        return {"username": username, "owner": {"$ne": None}, "lease_until": {"$gte": now}}
+
     # -- users ---------------------------------------------------------------
     @translated
     async def create_user(self, username: str, password_hash: bytes) -> User:
@@ -169,9 +239,25 @@ class MongoStore(Store):
     # -- sessions and ownership ----------------------------------------------
     @translated
     async def create_session(
-        self, session_id: str, username: str, owner: str, lease_until: float
+        self,
+        session_id: str,
+        username: str,
+        owner: str,
+        lease_until: float,
+        *,
+        max_sessions: int | None = None,
+        max_connections: int | None = None,
+        now: float | None = None,
     ) -> SessionRecord:
         record = SessionRecord(session_id, username, time.time(), 0, owner, 1, lease_until)
+        at = record.created_at if now is None else now
+        if max_sessions is not None or max_connections is not None:
+            # Settled in the order of creation: a refusal needs no insert.
+            usage = await self.usage(username, at)
+            if max_sessions is not None and usage.sessions >= max_sessions:
+                raise BudgetExceeded(Budget.SESSIONS, max_sessions)
+            if max_connections is not None and usage.connections >= max_connections:
+                raise BudgetExceeded(Budget.CONNECTIONS, max_connections)
         try:
             await self._sessions.insert_one(
                 {
@@ -182,11 +268,50 @@ class MongoStore(Store):
                     "owner": owner,
                     "epoch": 1,
                     "lease_until": lease_until,
+                    "carried": True,
                 }
             )
         except DuplicateKeyError as e:
             raise StoreError(f"session {session_id} exists") from e
+        self._remember(session_id, username)
+        if max_sessions is not None or max_connections is not None:
+            # Count those created before this one (and this one): over a limit,
+            # this one yields to them.
+            before = {
+                **self._live(username, at),
+                "$or": [
+                    {"created_at": {"$lt": record.created_at}},
+                    {"created_at": record.created_at, "_id": {"$lte": session_id}},
+                ],
+            }
+            refused: BudgetExceeded | None = None
+            if max_sessions is not None and (
+                await self._sessions.count_documents(before) > max_sessions
+            ):
+                refused = BudgetExceeded(Budget.SESSIONS, max_sessions)
+            elif max_connections is not None and (
+                await self._sessions.count_documents({**before, "carried": True}) > max_connections
+            ):
+                refused = BudgetExceeded(Budget.CONNECTIONS, max_connections)
+            if refused is not None:
+                await self._sessions.delete_one({"_id": session_id})
+                raise refused
         return record
+
+    @translated
+    async def set_carried(self, session_id: str, epoch: int, carried: bool) -> bool:
+        result = await self._sessions.update_one(
+            {"_id": session_id, "epoch": epoch}, {"$set": {"carried": carried}}
+        )
+        return result.matched_count == 1
+
+    @translated
+    async def usage(self, username: str, now: float | None = None) -> UserUsage:
+        live = self._live(username, time.time() if now is None else now)
+        sessions = await self._sessions.count_documents(live)
+        carried = await self._sessions.count_documents({**live, "carried": True})
+        doc = await self._budgets.find_one({"_id": username}) or {}
+        return UserUsage(sessions, carried, int(doc.get("pending", 0)), int(doc.get("kv_bytes", 0)))
 
     @translated
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -226,7 +351,10 @@ class MongoStore(Store):
                 "_id": session_id,
                 "$or": [{"owner": None}, {"lease_until": {"$lt": now}}, {"owner": owner}],
             },
-            {"$set": {"owner": owner, "lease_until": lease_until}, "$inc": {"epoch": 1}},
+            {
+                "$set": {"owner": owner, "lease_until": lease_until, "carried": False},
+                "$inc": {"epoch": 1},
+            },
             projection={"epoch": True},
             return_document=ReturnDocument.AFTER,
         )
@@ -235,7 +363,8 @@ class MongoStore(Store):
     @translated
     async def release_session(self, session_id: str, epoch: int) -> bool:
         result = await self._sessions.update_one(
-            {"_id": session_id, "epoch": epoch}, {"$set": {"owner": None, "lease_until": 0}}
+            {"_id": session_id, "epoch": epoch},
+            {"$set": {"owner": None, "lease_until": 0, "carried": False}},
         )
         return result.matched_count == 1
 
@@ -264,7 +393,13 @@ class MongoStore(Store):
     # -- requests ------------------------------------------------------------
     @translated
     async def add_requests(
-        self, session_id: str, epoch: int, requests: Sequence[NewRequest], now: float
+        self,
+        session_id: str,
+        epoch: int,
+        requests: Sequence[NewRequest],
+        now: float,
+        *,
+        max_pending: int | None = None,
     ) -> None:
         if not requests:
             return
@@ -274,10 +409,12 @@ class MongoStore(Store):
         before = await self._sessions.find_one_and_update(
             {"_id": session_id, "epoch": epoch},
             {"$max": {"last_seq": top}},
-            projection={"last_seq": True},
+            projection={"last_seq": True, "username": True},
         )
         if before is None:
             raise Fenced(f"session {session_id}: epoch {epoch} is not current")
+        username = str(before["username"])
+        self._remember(session_id, username)
         docs = [
             {
                 "_id": ObjectId(),
@@ -296,15 +433,28 @@ class MongoStore(Store):
             for r in requests
         ]
 
-        async def undo() -> None:
+        async def undo(inserted: bool = True) -> None:
             with contextlib.suppress(PyMongoError):
-                await self._requests.delete_many({"_id": {"$in": [d["_id"] for d in docs]}})
+                if inserted:
+                    await self._requests.delete_many({"_id": {"$in": [d["_id"] for d in docs]}})
+                    await self._budgets.update_one(
+                        {"_id": username}, {"$inc": {"pending": -len(docs)}}
+                    )
                 if before["last_seq"] < top:
                     await self._sessions.update_one(
                         {"_id": session_id, "last_seq": top},
                         {"$set": {"last_seq": before["last_seq"]}},
                     )
 
+        try:
+            taken = await self._take(username, "pending", len(docs), max_pending)
+        except PyMongoError:
+            await undo(inserted=False)
+            raise
+        if not taken:
+            await undo(inserted=False)
+            assert max_pending is not None
+            raise BudgetExceeded(Budget.PENDING, max_pending)
         try:
             await self._requests.insert_many(docs, ordered=True)
         except BulkWriteError as e:
@@ -327,13 +477,14 @@ class MongoStore(Store):
         if not seqs:
             return
         await self._check_epoch(session_id, epoch)
-        await self._requests.delete_many(
+        deleted = await self._requests.delete_many(
             {
                 "session_id": session_id,
                 "seq": {"$in": list(seqs)},
                 "state": RequestState.QUEUED.value,
             }
         )
+        await self._give_back(session_id, deleted.deleted_count)
         top = await self._requests.find_one(
             {"session_id": session_id}, {"seq": True}, sort=[("seq", DESCENDING)]
         )
@@ -375,8 +526,11 @@ class MongoStore(Store):
             {"session_id": session_id, "seq": seq, "state": NOT_DONE},
             {"$set": {"state": DONE, "final": final, "failed": failed, "finished_at": now}},
         )
+        stored = result.modified_count == 1
+        if stored:
+            await self._give_back(session_id, 1)
         started = None if start_next is None else await self._start(session_id, start_next, epoch)
-        return result.matched_count == 1, started
+        return stored, started
 
     @translated
     async def get_request(self, session_id: str, seq: int) -> RequestRecord | None:
@@ -473,17 +627,37 @@ class MongoStore(Store):
 
     # -- key-value (per user) ------------------------------------------------
     @translated
-    async def kv_put(self, username: str, key: str, value: str) -> None:
+    async def kv_put(
+        self, username: str, key: str, value: str, *, max_bytes: int | None = None
+    ) -> None:
+        size = kv_size(key, value)
+        old = await self._kv.find_one({"username": username, "key": key})
+        guess = size - (0 if old is None else _entry_size(old))
+        if not await self._take(username, "kv_bytes", guess, max_bytes if guess > 0 else None):
+            assert max_bytes is not None
+            raise BudgetExceeded(Budget.KV_BYTES, max_bytes)
         for attempt in range(2):
             try:
-                await self._kv.update_one(
-                    {"username": username, "key": key}, {"$set": {"value": value}}, upsert=True
+                replaced = await self._kv.find_one_and_update(
+                    {"username": username, "key": key},
+                    {"$set": {"value": value, "size": size}},
+                    upsert=True,
+                    return_document=ReturnDocument.BEFORE,
                 )
-                return
+                break
             except DuplicateKeyError:
                 # Two upserts of a new key raced; the loser's retry updates.
                 if attempt:
+                    await self._take(username, "kv_bytes", -guess, None)
                     raise
+            except PyMongoError:
+                with contextlib.suppress(PyMongoError):
+                    await self._take(username, "kv_bytes", -guess, None)
+                raise
+        # Another put of the same key may have changed it since it was read.
+        actual = size - (0 if replaced is None else _entry_size(replaced))
+        if actual != guess:
+            await self._take(username, "kv_bytes", actual - guess, None)
 
     @translated
     async def kv_get(self, username: str, key: str) -> str | None:
@@ -492,16 +666,26 @@ class MongoStore(Store):
 
     @translated
     async def kv_delete(self, username: str, key: str) -> bool:
-        result = await self._kv.delete_one({"username": username, "key": key})
-        return result.deleted_count == 1
+        doc = await self._kv.find_one_and_delete({"username": username, "key": key})
+        if doc is None:
+            return False
+        await self._take(username, "kv_bytes", -_entry_size(doc), None)
+        return True
 
     @translated
-    async def kv_list(self, username: str, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
+    async def kv_list(
+        self, username: str, prefix: str, limit: int = 1000, after: str | None = None
+    ) -> list[tuple[str, str]]:
         query: Doc = {"username": username}
+        keys: Doc = {}
         if prefix:
             # An anchored, case-sensitive regex on a literal prefix is an index
             # range scan. Keys sort by code point (BSON compares UTF-8 bytes).
-            query["key"] = {"$regex": "^" + _regex_escape(prefix)}
+            keys["$regex"] = "^" + _regex_escape(prefix)
+        if after is not None:
+            keys["$gt"] = after
+        if keys:
+            query["key"] = keys
         cursor = self._kv.find(query).sort("key").limit(limit)
         return [(doc["key"], doc["value"]) for doc in await cursor.to_list()]
 
@@ -526,6 +710,39 @@ async def _create_indexes(db: AsyncDatabase[Doc]) -> None:
         ]
     )
     await db["kv"].create_index([("username", ASCENDING), ("key", ASCENDING)], unique=True)
+    await db["sessions"].create_index([("username", ASCENDING), ("lease_until", ASCENDING)])
+
+
+async def _derive_budgets(db: AsyncDatabase[Doc]) -> None:
+    """Counters for a store made before budgets: derived once, by the first
+    process to open it (the meta document's unique id decides which)."""
+    try:
+        await db["meta"].insert_one({"_id": DERIVED})
+    except DuplicateKeyError:
+        return
+    pending: dict[str, int] = {}
+    by_session: dict[str, int] = {}
+    async for doc in db["requests"].find({"state": NOT_DONE}, {"session_id": True}):
+        by_session[doc["session_id"]] = by_session.get(doc["session_id"], 0) + 1
+    if by_session:
+        cursor = db["sessions"].find({"_id": {"$in": list(by_session)}}, {"username": True})
+        async for doc in cursor:
+            user = doc["username"]
+            pending[user] = pending.get(user, 0) + by_session[doc["_id"]]
+    kv_bytes: dict[str, int] = {}
+    async for doc in db["kv"].find({}):
+        kv_bytes[doc["username"]] = kv_bytes.get(doc["username"], 0) + _entry_size(doc)
+    for user in pending.keys() | kv_bytes.keys():
+        await db["budgets"].update_one(
+            {"_id": user},
+            {"$inc": {"pending": pending.get(user, 0), "kv_bytes": kv_bytes.get(user, 0)}},
+            upsert=True,
+        )
+
+
+def _entry_size(doc: Mapping[str, Any]) -> int:
+    size = doc.get("size")
+    return int(size) if size is not None else kv_size(doc["key"], doc["value"])
 
 
 def _request(doc: Mapping[str, Any]) -> RequestRecord:
