@@ -29,11 +29,11 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
+from . import sqlite_reads as reads
 from . import sqlite_writes as writes
 from .base import (
     NewRequest,
     RequestRecord,
-    RequestState,
     SessionCounts,
     SessionRecord,
     Store,
@@ -167,16 +167,7 @@ class SqliteStore(Store):
 
     async def usage(self, username: str, now: float | None = None) -> UserUsage:
         at = time.time() if now is None else now
-
-        def read(c: sqlite3.Connection) -> UserUsage:
-            sessions, carried = writes.usage_sessions(c, username, at)
-            row = one(
-                c, "SELECT pending, kv_bytes FROM user_budgets WHERE username = ?", (username,)
-            )
-            pending, kv_bytes = (0, 0) if row is None else row
-            return UserUsage(sessions, carried, int(pending), int(kv_bytes))
-
-        return await self._read(read)
+        return await self._read(lambda c: reads.usage(c, username, at))
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         row = await self._read(
@@ -286,7 +277,7 @@ class SqliteStore(Store):
                 (session_id, seq),
             )
         )
-        return None if row is None else _request(row)
+        return None if row is None else reads.request(row)
 
     async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
         row = await self._read(
@@ -296,7 +287,7 @@ class SqliteStore(Store):
                 (session_id, client_id),
             )
         )
-        return None if row is None else _request(row)
+        return None if row is None else reads.request(row)
 
     async def seqs_of(self, session_id: str, client_ids: Sequence[str]) -> dict[str, int]:
         if not client_ids:
@@ -318,7 +309,7 @@ class SqliteStore(Store):
                 (session_id,),
             ).fetchall()
         )
-        return [_request(row) for row in rows]
+        return [reads.request(row) for row in rows]
 
     async def finals_after(
         self, session_id: str, after: int, limit: int | None = None
@@ -370,7 +361,7 @@ class SqliteStore(Store):
                 (limit,),
             ).fetchall()
         )
-        return [_request(row) for row in rows]
+        return [reads.request(row) for row in rows]
 
     async def purge(self, finished_before: float, sessions_before: float | None = None) -> int:
         deleted = await self._delete_in_chunks(
@@ -416,7 +407,7 @@ class SqliteStore(Store):
     ) -> list[tuple[str, str]]:
         # A key range rather than LIKE: LIKE ignores ASCII case and treats % and _
         # as wildcards. Keys compare by code point (BINARY collation on UTF-8).
-        end = _prefix_end(prefix)
+        end = reads.prefix_end(prefix)
         sql = "SELECT key, value FROM kv WHERE username = ? AND key >= ?"
         params: tuple[Any, ...] = (username, prefix)
         if after is not None:
@@ -441,33 +432,3 @@ async def _call(db: aiosqlite.Connection, fn: Callable[..., T], *args: Any) -> T
     """
     execute = cast(Callable[..., Awaitable[T]], db._execute)
     return await execute(fn, db._conn, *args)
-
-
-def _request(row: Sequence[Any]) -> RequestRecord:
-    session_id, seq, client_id, op, args, state, attempts, failed, final, created, finished = row
-    return RequestRecord(
-        session_id=session_id,
-        seq=seq,
-        client_id=client_id,
-        op=op,
-        args=args,
-        state=RequestState(state),
-        attempts=attempts,
-        failed=bool(failed),
-        final=final,
-        created_at=created,
-        finished_at=finished,
-    )
-
-
-def _prefix_end(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix``
-    (None when there is none, e.g. for the empty prefix)."""
-    chars = list(prefix)
-    while chars:
-        code = ord(chars.pop()) + 1
-        if code <= 0x10FFFF:
-            if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be stored: skip them
-                code = 0xE000
-            return "".join(chars) + chr(code)
-    return None
