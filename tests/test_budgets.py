@@ -1,0 +1,189 @@
+"""Per-user budgets across processes (PROTOCOL.md 1.1, "Budgets across a
+user's connections"): two ``sessionq serve`` processes on one store (a SQLite
+file, or a MongoDB database through the wire emulator) share one count of a
+user's sessions, connections and unfinished requests.
+
+Requests that must stay unfinished run ``test.gate``, which ends when the
+test creates its file: every wait below is on an event, never on a timer.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import websockets
+from conftest import BROKER_URL, UNIT, Client, ClientFactory, ServerFactory, finals_of
+from prometheus_client import REGISTRY
+from test_faults import SECRET, ServerProcess, open_client
+
+Start = Callable[..., Awaitable[ServerProcess]]
+
+STORES = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
+]
+
+
+@pytest.fixture(params=STORES)
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.db"
+    return str(request.getfixturevalue(f"{request.param}_store_url"))
+
+
+@pytest.fixture
+async def replica(store_url: str) -> AsyncIterator[Start]:
+    """Start a ``sessionq serve`` on the shared store with ``settings``."""
+    procs: list[ServerProcess] = []
+
+    async def start(**settings: Any) -> ServerProcess:
+        env = {
+            **os.environ,
+            "SESSIONQ_BROKER_URL": BROKER_URL,
+            "SESSIONQ_STORE_URL": store_url,
+            "SESSIONQ_JWT_SECRET": SECRET,
+            "SESSIONQ_BCRYPT_ROUNDS": "4",
+            "SESSIONQ_LEASE_SECONDS": "1",
+            "SESSIONQ_OPS": "tests.ops_for_tests,tests.ops_budgets",
+            "SESSIONQ_LOG_FORMAT": "json",
+            "SESSIONQ_LOG_LEVEL": os.environ.get("SESSIONQ_TEST_SERVER_LOG_LEVEL", "WARNING"),
+        }
+        env.update({f"SESSIONQ_{k.upper()}": str(v) for k, v in settings.items()})
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "server.cli", "serve", "--port", "0",
+            env=env, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
+        )  # fmt: skip
+        assert proc.stdout is not None
+        line = await asyncio.wait_for(proc.stdout.readline(), 6 * UNIT)
+        assert b"listening on" in line, line
+        server = ServerProcess(proc, int(line.rsplit(b":", 1)[1].split(b"/")[0]))
+        procs.append(server)
+        return server
+
+    yield start
+    for server in procs:
+        await server.kill()
+
+
+async def refused(server: ServerProcess, token: str) -> tuple[int | None, str]:
+    """Authenticate with ``token``; the (code, reason) the server closes with."""
+    client = Client(await websockets.connect(server.url))
+    await client.send({"type": "auth", "token": token})
+    return await client.closed()
+
+
+async def admitted(server: ServerProcess, token: str) -> Client:
+    """Authenticate with ``token`` until the server takes the connection (a
+    budget another process frees is seen once its store write lands)."""
+    async with asyncio.timeout(4 * UNIT):
+        while True:
+            client = Client(await websockets.connect(server.url))
+            await client.send({"type": "auth", "token": token})
+            try:
+                client.welcome = await client.recv()
+                return client
+            except websockets.ConnectionClosed as closed:
+                assert closed.rcvd is not None and closed.rcvd.code == 4429, closed
+
+
+async def test_sessions_of_a_user_are_counted_across_processes_draining_included(
+    replica: Start, tmp_path: Path
+) -> None:
+    budget = {"max_sessions_per_user": 3, "max_connections_per_user": 10}
+    a, b = await replica(**budget), await replica(**budget)
+    gate = tmp_path / "gate"
+    first = await open_client(a)
+    token = first.welcome["token"]
+    await first.submit("g", "test.gate", {"path": str(gate)})
+    await first.recv_until(lambda f: f["type"] == "accepted")
+    await first.close()  # its session drains on a: it still counts
+    kept = [await open_client(b, token), await open_client(a, token)]
+    for server in (b, a):
+        assert await refused(server, token) == (4429, "too many sessions")
+    # A resume is no new session: at the limit, a kept connection takes up the
+    # draining one (and the idle session it leaves closes).
+    await kept[1].send({"type": "resume", "session": first.welcome["session"], "after": 0})
+    frames = await kept[1].recv_until(lambda f: f["type"] in ("resumed", "error"))
+    assert frames[-1]["type"] == "resumed", frames[-1]
+    kept.append(await admitted(b, token))  # the third again
+    await kept[1].close()  # its session drains again, and counts until it has drained
+    assert await refused(a, token) == (4429, "too many sessions")
+    gate.touch()  # the draining session finishes its work and closes
+    again = await admitted(a, token)
+    assert again.welcome["type"] == "welcome"
+    assert await refused(b, token) == (4429, "too many sessions")
+
+
+async def test_connections_of_a_user_are_counted_across_processes(replica: Start) -> None:
+    a, b = await replica(max_connections_per_user=2), await replica(max_connections_per_user=2)
+    first = await open_client(a)
+    token = first.welcome["token"]
+    await open_client(b, token)  # one connection on each process
+    for server in (a, b):
+        assert await refused(server, token) == (4429, "too many connections")
+    await first.close()  # its idle session closes: the connection no longer counts
+    third = await admitted(b, token)
+    assert third.welcome["type"] == "welcome"
+
+
+async def test_pending_requests_of_a_user_are_counted_across_processes(
+    replica: Start, tmp_path: Path
+) -> None:
+    a, b = await replica(max_pending_per_user=4), await replica(max_pending_per_user=4)
+    gate = tmp_path / "gate"
+    on_a = await open_client(a)
+    on_b = await open_client(b, on_a.welcome["token"])
+    for i in (1, 2, 3):
+        await on_a.submit(f"a{i}", "test.gate", {"path": str(gate)})
+    await on_a.recv_until(lambda f: f.get("id") == "a3" and f["type"] == "accepted")
+    await on_b.submit("b1", "test.gate", {"path": str(gate)})
+    accepted = await on_b.recv_until(lambda f: f.get("id") == "b1")
+    assert accepted[-1]["type"] == "accepted", accepted[-1]
+    await on_b.submit("b2", "echo", {"n": 2})
+    refusal = (await on_b.recv_until(lambda f: f.get("id") == "b2"))[-1]
+    assert refusal["type"] == "error" and refusal["code"] == "queue_full", refusal
+    assert "seq" not in refusal
+    await on_a.submit("a4", "echo", {"n": 4})  # the other process refuses too
+    refusal = (await on_a.recv_until(lambda f: f.get("id") == "a4"))[-1]
+    assert (refusal["code"], "seq" in refusal) == ("queue_full", False)
+    gate.touch()
+    assert [f["id"] for f in finals_of(await on_a.finals(3))] == ["a1", "a2", "a3"]
+    assert [f["id"] for f in finals_of(await on_b.finals(1))] == ["b1"]
+    # Nothing of the refused submits was stored: their ids are free, the seqs go on.
+    await on_b.submit("b2", "echo", {"n": 2})
+    frames = await on_b.finals(1)
+    assert [(f["type"], f["seq"]) for f in frames if f.get("id") == "b2"] == [
+        ("accepted", 2),
+        ("result", 2),
+    ]
+
+
+# -- one process: the metric and the close code -------------------------------------
+def _hits(budget: str) -> float:
+    return REGISTRY.get_sample_value("sessionq_budget_refusals_total", {"budget": budget}) or 0.0
+
+
+async def test_budget_refusals_are_counted_by_budget(
+    server_factory: ServerFactory, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    server = await server_factory(max_sessions_per_user=1, max_pending_per_user=1)
+    sessions, pending = _hits("sessions"), _hits("pending")
+    closes = REGISTRY.get_sample_value("sessionq_closes_total", {"code": "4429"}) or 0.0
+    first = await user_client(target=server)
+    second = await connect(target=server)
+    await second.send({"type": "auth", "token": first.welcome["token"]})
+    assert await second.closed() == (4429, "too many sessions")
+    assert _hits("sessions") == sessions + 1
+    assert REGISTRY.get_sample_value("sessionq_closes_total", {"code": "4429"}) == closes + 1
+    await first.submit("s", "sleep", {"seconds": 30})
+    await first.recv_until(lambda f: f.get("id") == "s")
+    await first.submit("e", "echo", {})
+    refusal = (await first.recv_until(lambda f: f.get("id") == "e"))[-1]
+    assert refusal["code"] == "queue_full"
+    assert _hits("pending") == pending + 1
