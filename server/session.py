@@ -219,7 +219,10 @@ class Session:
             self.store,
             self.store,
             self.registry,
-            limits={"max_sleep": self.settings.max_sleep},
+            limits={
+                "max_sleep": self.settings.max_sleep,
+                "cpu_slots": self.settings.cpu_slots_per_user,
+            },
             op_timeout=self.settings.op_timeout,
             max_attempts=self.settings.max_attempts,
             cpu_pool=self.cpu_pool,

@@ -11,13 +11,29 @@ of registrations does not hold logins up. CPU ops: a cancelled or timed-out
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import multiprocessing
+import os
+from concurrent.futures import ProcessPoolExecutor
 
 import pytest
-from conftest import PASSWORD, UNIT, Client, ClientFactory, ServerFactory, unique_name
+from conftest import (
+    PASSWORD,
+    UNIT,
+    Client,
+    ClientFactory,
+    ServerFactory,
+    finals_of,
+    unique_name,
+    until,
+)
 from prometheus_client import REGISTRY
 
+from consumers.builtin import DIRECT_ROUNDS, pbkdf2_hex
+from consumers.cpu import slots_for
 from server.app import Server
 from server.auth import Authenticator, AuthError, FailureLimiter
+from server.lifetime import end_with_parent
 
 
 def auth_count(method: str, outcome: str) -> float:
@@ -148,3 +164,142 @@ async def test_a_login_answers_while_registrations_flood(
     # The login did not wait behind the flood's hashes.
     assert answered < len(flood) // 2, answered
     assert all(f["type"] == "welcome" for f in await asyncio.gather(*replies))
+
+
+# --- CPU ops ---------------------------------------------------------------------
+
+BIG = 10_000_000  # the protocol's cap: seconds of CPU in one call
+
+
+async def one_worker_pool(server: Server) -> ProcessPoolExecutor:
+    """Give ``server`` a one-worker CPU pool (before any session exists), started,
+    so that any CPU work left running in it holds up everything after it."""
+    pool = ProcessPoolExecutor(
+        max_workers=1,
+        mp_context=multiprocessing.get_context("spawn"),
+        initializer=end_with_parent,
+        initargs=(os.getpid(),),
+    )
+    old, server.cpu_pool = server.cpu_pool, pool
+    if old is not None:
+        old.shutdown(wait=False, cancel_futures=True)
+    await asyncio.get_running_loop().run_in_executor(pool, pbkdf2_hex, "warm", 1)
+    return pool
+
+
+async def same_user(connect: ClientFactory, server: Server, first: Client) -> Client:
+    client = await connect(target=server)
+    await client.send({"type": "auth", "token": first.welcome["token"]})
+    welcome = await client.recv()
+    assert welcome["type"] == "welcome", welcome
+    return client
+
+
+async def wait_running(client: Client, rid: str) -> None:
+    """Ask for the request's state until it is running (each ask waits on its reply)."""
+    while True:
+        await client.send({"type": "status", "id": rid})
+        frames = await client.recv_until(lambda f: f["type"] == "status")
+        if frames[-1].get("state") == "running":
+            return
+
+
+def expected_hex(data: str, rounds: int) -> str:
+    return hashlib.pbkdf2_hmac("sha256", data.encode(), b"sessionq", rounds, 32).hex()
+
+
+async def test_long_hashes_give_the_standard_pbkdf2(user_client: ClientFactory) -> None:
+    client = await user_client()
+    cases = [("x", 1), ("x", DIRECT_ROUNDS), ("x", DIRECT_ROUNDS + 1), ("k" * 200, 65_537)]
+    for i, (data, rounds) in enumerate(cases):
+        await client.submit(f"h{i}", "hash", {"data": data, "rounds": rounds})
+    finals = finals_of(await client.finals(len(cases), timeout=4 * UNIT))
+    assert [f["value"]["hex"] for f in finals] == [expected_hex(d, r) for d, r in cases]
+
+
+async def test_a_cancelled_big_hash_frees_its_worker(
+    server: Server, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    await one_worker_pool(server)
+    alice = await user_client()
+    sessions = [alice, await same_user(connect, server, alice)]
+    for i, client in enumerate(sessions):
+        await client.submit(f"big{i}", "hash", {"data": "x", "rounds": BIG})
+    for i, client in enumerate(sessions):
+        await wait_running(client, f"big{i}")
+    for i, client in enumerate(sessions):
+        await client.send({"type": "cancel", "id": f"big{i}"})
+        final = finals_of(await client.finals(1))[0]
+        assert (final["id"], final["code"]) == (f"big{i}", "cancelled"), final
+
+    # Had the cancelled hashes kept running, both would stand before this one.
+    bob = await user_client()
+    await bob.submit("small", "hash", {"data": "y", "rounds": 1000})
+    final = finals_of(await bob.finals(1))[0]
+    assert final["value"] == {"hex": expected_hex("y", 1000)}
+
+
+async def test_a_timed_out_big_hash_frees_its_worker(
+    server_factory: ServerFactory, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    server = await server_factory(op_timeout=UNIT / 2)
+    await one_worker_pool(server)
+    alice = await user_client(target=server)
+    sessions = [alice, await same_user(connect, server, alice)]
+    for i, client in enumerate(sessions):
+        await client.submit(f"big{i}", "hash", {"data": "x", "rounds": BIG})
+    for client in sessions:
+        final = finals_of(await client.finals(1, timeout=2 * UNIT))[0]
+        assert final["code"] == "timeout", final
+
+    bob = await user_client(target=server)
+    await bob.submit("small", "hash", {"data": "y", "rounds": 1000})
+    final = finals_of(await bob.finals(1))[0]
+    assert final.get("value") == {"hex": expected_hex("y", 1000)}, final
+
+
+async def test_one_users_big_hashes_do_not_stop_another_users_hash(
+    server: Server, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    pool = await one_worker_pool(server)
+    alice = await user_client()
+    sessions = [alice] + [await same_user(connect, server, alice) for _ in range(2)]
+    for i, client in enumerate(sessions):
+        await client.submit(f"big{i}", "hash", {"data": "x", "rounds": BIG})
+    for i, client in enumerate(sessions):
+        await wait_running(client, f"big{i}")
+    slots = slots_for(pool, server.settings.cpu_slots_per_user)
+    await until(lambda: slots.waiting() == 2)
+    assert slots.held(alice.welcome["user"]) == 1
+
+    bob = await user_client()
+    await bob.submit("small", "hash", {"data": "y", "rounds": 1000})
+    final = finals_of(await bob.finals(1))[0]
+    assert final["value"] == {"hex": expected_hex("y", 1000)}
+    # ... while all three of alice's are still unfinished.
+    for i, client in enumerate(sessions):
+        await client.send({"type": "status", "id": f"big{i}"})
+        status = (await client.recv_until(lambda f: f["type"] == "status"))[-1]
+        assert status["state"] == "running", status
+        await client.send({"type": "cancel", "id": f"big{i}"})
+        assert finals_of(await client.finals(1))[0]["code"] == "cancelled"
+    assert (slots.held(alice.welcome["user"]), slots.waiting()) == (0, 0)
+
+
+async def test_cpu_slots_per_user_lets_a_user_hold_that_many_workers(
+    server_factory: ServerFactory, user_client: ClientFactory, connect: ClientFactory
+) -> None:
+    server = await server_factory(cpu_slots_per_user=2)
+    alice = await user_client(target=server)
+    sessions = [alice] + [await same_user(connect, server, alice) for _ in range(2)]
+    for i, client in enumerate(sessions):
+        await client.submit(f"big{i}", "hash", {"data": "x", "rounds": BIG})
+    for i, client in enumerate(sessions):
+        await wait_running(client, f"big{i}")
+    assert server.cpu_pool is not None
+    slots = slots_for(server.cpu_pool, 2)
+    await until(lambda: slots.waiting() == 1)
+    assert slots.held(alice.welcome["user"]) == 2
+    for i, client in enumerate(sessions):
+        await client.send({"type": "cancel", "id": f"big{i}"})
+        assert finals_of(await client.finals(1))[0]["code"] == "cancelled"
