@@ -21,7 +21,10 @@ def _number(args: dict[str, Any], name: str, default: float | None = None) -> fl
     value = args.get(name, default)
     if isinstance(value, bool) or not isinstance(value, int | float):
         raise BadArgs(f"{name} must be a number")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:  # an integer beyond any float
+        raise BadArgs(f"{name} is out of range") from None
 
 
 def _int(args: dict[str, Any], name: str) -> int:
