@@ -28,7 +28,7 @@ from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["UserSlots", "slots_for"]
+__all__ = ["UserSlots", "slots_for", "waiting_total", "waits_total"]
 
 
 @dataclass(slots=True)
@@ -119,3 +119,14 @@ def slots_for(pool: Executor | None, per_user: int) -> UserSlots:
     else:
         table.per_user = per_user
     return table
+
+
+def waits_total() -> int:
+    """CPU ops of this process that had to wait for their user's slot, ever
+    (the budget was hit): for a metric, without per-user labels."""
+    return sum(table.waits for table in list(_tables.values()))
+
+
+def waiting_total() -> int:
+    """CPU ops of this process waiting for their user's slot now."""
+    return sum(table.waiting() for table in list(_tables.values()))

@@ -30,7 +30,7 @@ from conftest import (
 from prometheus_client import REGISTRY
 
 from consumers.builtin import DIRECT_ROUNDS, pbkdf2_hex
-from consumers.cpu import slots_for
+from consumers.cpu import slots_for, waiting_total, waits_total
 from server.app import Server
 from server.auth import Authenticator, AuthError, FailureLimiter
 from server.lifetime import end_with_parent
@@ -271,6 +271,7 @@ async def test_one_users_big_hashes_do_not_stop_another_users_hash(
     slots = slots_for(pool, server.settings.cpu_slots_per_user)
     await until(lambda: slots.waiting() == 2)
     assert slots.held(alice.welcome["user"]) == 1
+    assert waiting_total() >= 2 and waits_total() >= 2  # what a metric would read
 
     bob = await user_client()
     await bob.submit("small", "hash", {"data": "y", "rounds": 1000})
