@@ -14,6 +14,7 @@ import asyncio
 import hashlib
 import multiprocessing
 import os
+import re
 from concurrent.futures import ProcessPoolExecutor
 
 import pytest
@@ -34,6 +35,7 @@ from consumers.cpu import slots_for, waiting_total, waits_total
 from server.app import Server
 from server.auth import Authenticator, AuthError, FailureLimiter
 from server.lifetime import end_with_parent
+from server.settings import Settings, SettingsError
 
 
 def auth_count(method: str, outcome: str) -> float:
@@ -304,3 +306,22 @@ async def test_cpu_slots_per_user_lets_a_user_hold_that_many_workers(
     for i, client in enumerate(sessions):
         await client.send({"type": "cancel", "id": f"big{i}"})
         assert finals_of(await client.finals(1))[0]["code"] == "cancelled"
+
+
+@pytest.mark.parametrize(
+    ("env", "why"),
+    [
+        (
+            {"SESSIONQ_REGISTER_PER_MINUTE": "-1"},
+            "SESSIONQ_REGISTER_PER_MINUTE: must not be negative",
+        ),
+        ({"SESSIONQ_REGISTER_PER_MINUTE": "ten"}, "SESSIONQ_REGISTER_PER_MINUTE='ten'"),
+        ({"SESSIONQ_CPU_SLOTS_PER_USER": "0"}, "SESSIONQ_CPU_SLOTS_PER_USER: must be at least 1"),
+    ],
+)
+def test_the_limit_settings_are_checked(env: dict[str, str], why: str) -> None:
+    with pytest.raises(SettingsError, match=re.escape(why)):
+        Settings.from_env(env)
+    defaults = Settings.from_env({})
+    assert (defaults.register_per_minute, defaults.cpu_slots_per_user) == (20, 1)
+    assert Settings.from_env({"SESSIONQ_REGISTER_PER_MINUTE": "0"}).register_per_minute == 0
