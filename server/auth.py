@@ -192,24 +192,19 @@ class Authenticator:
         async with self._hashing:
             return await asyncio.to_thread(hash_password_sync, password, self.rounds)
 
-    async def check_password(self, password: str, stored: bytes) -> bool:
-        async with self._checking:
-            return await asyncio.to_thread(bcrypt.checkpw, password.encode()[:72], stored)
-
     async def login(self, username: str, password: str, address: str) -> Identity:
         if not valid_username(username):
             # No such user can exist: no limiter key, no store read, no hash.
             raise AuthError(ErrorCode.INVALID_CREDENTIALS, "unknown user or wrong password")
-        now = time.monotonic()
         user_key = username.lower()
-        wait = max(self.by_user.retry_after(user_key, now), self.by_addr.retry_after(address, now))
-        if wait > 0:
-            raise AuthError(
-                ErrorCode.RATE_LIMITED, "too many failed logins; try again later", _seconds(wait)
-            )
+        self._refuse_if_limited(user_key, address)
         user = await self.store.get_user(username)
         stored = user.password_hash if user is not None else self._dummy_hash
-        ok = await self.check_password(password, stored)
+        async with self._checking:
+            # Again: failures recorded while this login waited count too, so
+            # queued guesses cannot all pass the limit they were checked against.
+            self._refuse_if_limited(user_key, address)
+            ok = await asyncio.to_thread(bcrypt.checkpw, password.encode()[:72], stored)
         if user is None or not ok:
             now = time.monotonic()
             self.by_user.record(user_key, now)
@@ -217,6 +212,14 @@ class Authenticator:
             raise AuthError(ErrorCode.INVALID_CREDENTIALS, "unknown user or wrong password")
         self.by_user.clear(user_key)
         return self.issue(user.username)
+
+    def _refuse_if_limited(self, user_key: str, address: str) -> None:
+        now = time.monotonic()
+        wait = max(self.by_user.retry_after(user_key, now), self.by_addr.retry_after(address, now))
+        if wait > 0:
+            raise AuthError(
+                ErrorCode.RATE_LIMITED, "too many failed logins; try again later", _seconds(wait)
+            )
 
     async def register(self, username: str, password: str, address: str | None = None) -> Identity:
         """Create a user and issue its first token.

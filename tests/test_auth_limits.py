@@ -33,7 +33,7 @@ from prometheus_client import REGISTRY
 from consumers.builtin import DIRECT_ROUNDS, pbkdf2_hex
 from consumers.cpu import slots_for, waiting_total, waits_total
 from server.app import Server
-from server.auth import Authenticator, AuthError, FailureLimiter
+from server.auth import HASH_CONCURRENCY, Authenticator, AuthError, FailureLimiter
 from server.lifetime import end_with_parent
 from server.settings import Settings, SettingsError
 
@@ -70,6 +70,22 @@ async def test_a_login_with_an_invalid_username_is_refused_without_limiter_work(
             assert name not in reply["message"]
     assert len(server.auth.by_user) == 0
     assert len(server.auth.by_addr) == 0
+
+
+async def test_parallel_wrong_passwords_do_not_slip_past_the_failure_limit(
+    server_factory: ServerFactory, connect: ClientFactory
+) -> None:
+    server = await server_factory(bcrypt_rounds=8, login_failures=5)
+    name = unique_name()
+    owner = await register(connect, server, name)
+    assert (await owner.recv())["type"] == "welcome"
+    guesses = [await connect(target=server) for _ in range(20)]
+    for client in guesses:
+        await client.send({"type": "login", "username": name, "password": "wrong password"})
+    codes = [(await client.recv(timeout=4 * UNIT))["code"] for client in guesses]
+    # The limit (5) plus at most the checks already running when it filled.
+    assert codes.count("invalid_credentials") <= 5 + HASH_CONCURRENCY - 1, codes
+    assert set(codes) == {"invalid_credentials", "rate_limited"}
 
 
 # --- limiter memory ------------------------------------------------------------
