@@ -8,14 +8,15 @@ user holds at most ``per_user`` places in the pool at once
 the order they asked, first come, first served, outside the pool, where waiting
 costs nothing and a cancel or timeout simply leaves the line.
 
-A slot is held from submission until the call returns, so it counts a place in
-the pool's queue as much as a running worker: the pool's FIFO queue then holds
-at most ``per_user`` calls of any one user, and other users' calls are never
-more than that many calls of each user behind.
+A slot is held from submission until the call returns, so it counts a call
+waiting in the pool's queue as much as a running one: the pool's FIFO queue
+then holds at most ``per_user`` calls of any one user, and another user's
+call waits behind at most that many calls of each user, not behind all of them.
 
 The table of slots belongs to the pool it divides (one per pool object, kept
-as long as the pool lives), so sessions share it without the server having to
-pass anything new down to them.
+as long as the pool lives): every session's Context finds the same table
+through the pool it already holds. The setting reaches it in the consumer's
+``limits["cpu_slots"]``.
 """
 
 from __future__ import annotations
