@@ -198,7 +198,11 @@ async def one_worker_pool(server: Server) -> ProcessPoolExecutor:
         initializer=end_with_parent,
         initargs=(os.getpid(),),
     )
-    old, server.cpu_pool = server.cpu_pool, pool
+    old = server.cpu_pool
+    # Whatever hands the pool to new sessions holds the same object.
+    for holder in (server, getattr(server, "directory", None)):
+        if holder is not None and getattr(holder, "cpu_pool", None) is old:
+            holder.cpu_pool = pool
     if old is not None:
         old.shutdown(wait=False, cancel_futures=True)
     await asyncio.get_running_loop().run_in_executor(pool, pbkdf2_hex, "warm", 1)
