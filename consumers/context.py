@@ -8,7 +8,10 @@ from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
+from consumers.cpu import UserSlots, slots_for
+
 T = TypeVar("T")
+S = TypeVar("S")
 
 
 class KV(Protocol):
@@ -29,7 +32,9 @@ class Context:
     ``attempt`` is 1 on the first run; it is higher when the request runs again
     after its server process died mid-run (handlers that are not idempotent can
     check it). ``progress(data)`` streams a progress frame to the client; it may
-    be called from the handler's thread for sync handlers.
+    be called from the handler's thread for sync handlers. ``run_cpu`` and
+    ``run_cpu_steps`` send CPU-bound work to the process pool, each holding one
+    of the user's CPU slots (``limits["cpu_slots"]``, consumers/cpu.py).
     """
 
     user: str
@@ -54,7 +59,32 @@ class Context:
         else:
             self._loop.call_soon_threadsafe(self._emit_progress, data)
 
+    def cpu_slots(self) -> UserSlots:
+        return slots_for(self._cpu, int(self.limits.get("cpu_slots", 1)))
+
     async def run_cpu(self, func: Callable[..., T], *args: Any) -> T:
         """Run a picklable function in the process pool (off the event loop and
-        off this process's GIL)."""
-        return await self._loop.run_in_executor(self._cpu, func, *args)
+        off this process's GIL), holding one of the user's CPU slots.
+
+        A timeout or cancel ends the request at once, but a call already
+        running in a worker runs to its end (a pool worker cannot be
+        interrupted): split long work with :meth:`run_cpu_steps`.
+        """
+        async with self.cpu_slots().hold(self.user):
+            return await self._loop.run_in_executor(self._cpu, func, *args)
+
+    async def run_cpu_steps(self, step: Callable[[S], tuple[bool, S]], state: S) -> S:
+        """Run long CPU work as short pool calls: ``step(state)`` returns
+        ``(done, state)`` and is called again with the new state until done.
+
+        The user's CPU slot is held across the steps. Between two steps the
+        worker is free for other calls, and a timeout or cancel stops the work:
+        at most the step then running finishes, its result dropped. ``step``
+        and ``state`` must be picklable; keep ``state`` small (it crosses the
+        process boundary twice a step) and a step to tens of milliseconds.
+        """
+        async with self.cpu_slots().hold(self.user):
+            done = False
+            while not done:
+                done, state = await self._loop.run_in_executor(self._cpu, step, state)
+            return state

@@ -5,6 +5,7 @@ Pure data and codecs, no I/O; see ``frames`` and ``errors``.
 
 from .errors import CloseCode, ErrorCode, ProtocolError
 from .frames import (
+    MAX_ARGS_DEPTH,
     MAX_ID_LENGTH,
     MAX_OP_LENGTH,
     MAX_SESSION_LENGTH,
@@ -35,6 +36,7 @@ from .frames import (
 )
 
 __all__ = [
+    "MAX_ARGS_DEPTH",
     "MAX_ID_LENGTH",
     "MAX_OP_LENGTH",
     "MAX_SESSION_LENGTH",

@@ -18,6 +18,10 @@ Parsing contract (:func:`parse`):
 - Unknown extra fields are ignored, so that newer clients can add fields without
   breaking older servers (forward compatibility).
 - Lengths are counted in characters (Unicode code points), not bytes.
+- A submit's ``args`` may nest arrays and objects at most
+  :data:`MAX_ARGS_DEPTH` levels deep (``args`` itself is the first level).
+  JSON text can nest deeper than the server can encode again (orjson reads
+  1024 levels and writes 254), and args are stored and published as JSON.
 - Credentials are only checked to be strings here; whether a username is well
   formed (:func:`valid_username`) or a password weak (:func:`weak_password`) is
   for the server to decide, as it answers with dedicated codes.
@@ -34,7 +38,7 @@ be serialised at all makes :func:`encode_result` / :func:`encode_progress` raise
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Final, TypeAlias
 
@@ -43,6 +47,7 @@ import orjson
 from .errors import ErrorCode, ProtocolError
 
 __all__ = [
+    "MAX_ARGS_DEPTH",
     "MAX_ID_LENGTH",
     "MAX_OP_LENGTH",
     "MAX_SESSION_LENGTH",
@@ -72,6 +77,7 @@ __all__ = [
     "weak_password",
 ]
 
+MAX_ARGS_DEPTH: Final = 64
 MAX_ID_LENGTH: Final = 128
 MAX_OP_LENGTH: Final = 128
 MAX_SESSION_LENGTH: Final = 128
@@ -284,7 +290,32 @@ def parse(data: str | bytes) -> ClientFrame:
         shown = kind if len(kind) <= 32 else kind[:32] + "..."
         known = ", ".join(sorted(_PARSERS))
         raise ProtocolError(_BAD, f"unknown frame type {shown!r}; expected one of: {known}")
-    return parser(obj)
+    frame = parser(obj)
+    # Counting brackets in the text is far cheaper than walking every frame's
+    # args, and nesting deeper than the limit needs more brackets than that.
+    if (
+        type(frame) is Submit
+        and data.count("{") + data.count("[") > MAX_ARGS_DEPTH
+        and _deeper_than(frame.args, MAX_ARGS_DEPTH)
+    ):
+        message = f"submit: field 'args' is nested deeper than {MAX_ARGS_DEPTH} levels"
+        raise ProtocolError(_BAD, message, frame.id)
+    return frame
+
+
+def _deeper_than(value: object, limit: int) -> bool:
+    """True when arrays and objects nest more than ``limit`` levels in ``value``."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            return True
+        children = item.values() if isinstance(item, dict) else item
+        assert isinstance(children, Iterable)  # only dicts and lists are stacked
+        for child in children:
+            if type(child) is dict or type(child) is list:
+                stack.append((child, depth + 1))
+    return False
 
 
 def valid_username(name: str) -> bool:

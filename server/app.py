@@ -116,6 +116,7 @@ class Server:
             self.store, settings.jwt_secret, settings.token_ttl,
             login_failures=settings.login_failures, login_window=settings.login_window,
             bcrypt_rounds=settings.bcrypt_rounds,
+            register_per_minute=settings.register_per_minute,
         )  # fmt: skip
         if self.registry.get("echo") is None:
             register_builtins(self.registry)

@@ -1,13 +1,25 @@
 """Authentication: bcrypt password hashes, HS256 JWTs, failed-login limits.
 
 * Passwords are hashed with bcrypt off the event loop (a hash costs tens of
-  milliseconds of CPU and must not hold other sessions up).
+  milliseconds of CPU and must not hold other sessions up). At most
+  ``hash_concurrency`` hashes for registrations and as many checks for logins
+  run at once, each kind under its own bound: a flood of registrations (from
+  many addresses) then holds at most that many threads of the shared thread
+  pool and waits behind itself, not in front of logins.
 * A login for an unknown user still checks a dummy hash, so an unknown user and
-  a wrong password look the same from outside: same code, similar time.
+  a wrong password look the same from outside: same code, similar time. A login
+  whose username cannot exist (not :func:`~protocol.valid_username`) is
+  answered ``invalid_credentials`` at once, before any limiter or store work,
+  and the reply never echoes it (PROTOCOL.md, "Client addresses"): such names
+  never become limiter keys, so they cost nothing to remember.
 * Tokens carry ``sub``, ``iat``, ``exp``, ``jti``; verification pins the
   algorithm, so ``alg: none`` and tokens signed with another key are refused.
 * Failed logins are counted per username and per client address in a sliding
-  window; only login is held back by them (PROTOCOL.md).
+  window; only login is held back by them (PROTOCOL.md). Registrations are
+  counted per client address (``register_per_minute``, 0 = unlimited).
+  Every limiter forgets a key once its window has passed, whether or not the
+  key comes back, and holds at most ``max_keys`` keys (the least recently
+  counted go first): a spray of unique names or addresses costs bounded memory.
 """
 
 from __future__ import annotations
@@ -15,7 +27,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 
 import bcrypt
@@ -26,6 +38,9 @@ from server.store import Store, UserExists
 
 ALGORITHM = "HS256"
 BCRYPT_ROUNDS = 12
+HASH_CONCURRENCY = 2  # bcrypt hashes (and, separately, checks) running at once
+LIMITER_MAX_KEYS = 100_000
+REGISTER_WINDOW = 60.0
 
 
 class AuthError(Exception):
@@ -46,32 +61,57 @@ class Identity:
 
 
 class FailureLimiter:
-    """Sliding-window count of failures per key; ``retry_after`` tells when the
-    oldest failure in a full window leaves it."""
+    """Sliding-window count of events per key; ``retry_after`` tells when the
+    oldest event of a full window leaves it.
 
-    def __init__(self, limit: int, window: float) -> None:
+    Keys are kept in the order they were last counted, so the stalest key is
+    always first: every call first drops the keys whose newest event has left
+    the window (amortised O(1) per key ever counted), so an entry expires on
+    the clock, not when its key is seen again. A key keeps at most ``limit``
+    timestamps (older ones cannot matter), and beyond ``max_keys`` keys the
+    least recently counted is dropped: memory stays bounded under a spray of
+    unique keys. Dropping a key early only forgets failures, it never refuses.
+    """
+
+    def __init__(self, limit: int, window: float, max_keys: int = LIMITER_MAX_KEYS) -> None:
+        if limit < 1 or window <= 0 or max_keys < 1:
+            raise ValueError("limit and max_keys must be at least 1, window positive")
         self.limit = limit
         self.window = window
-        self._events: dict[str, deque[float]] = {}
+        self.max_keys = max_keys
+        self._events: OrderedDict[str, deque[float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._events)
+
+    def expire(self, now: float) -> None:
+        """Forget every key whose newest event is older than the window."""
+        events = self._events
+        horizon = now - self.window
+        while events:
+            key, times = next(iter(events.items()))
+            if times[-1] > horizon:
+                break
+            del events[key]
 
     def retry_after(self, key: str, now: float) -> float:
+        self.expire(now)
         events = self._events.get(key)
-        if not events:
+        if events is None or len(events) < self.limit:
             return 0.0
-        while events and events[0] <= now - self.window:
-            events.popleft()
-        if not events:
-            del self._events[key]
-            return 0.0
-        if len(events) < self.limit:
-            return 0.0
-        return events[0] + self.window - now
+        # Full: the window reopens when its oldest kept event leaves it.
+        return max(0.0, events[0] + self.window - now)
 
     def record(self, key: str, now: float) -> None:
-        self._events.setdefault(key, deque()).append(now)
-        if len(self._events) > 100_000:  # bound memory under a spraying attack
-            oldest = next(iter(self._events))
-            del self._events[oldest]
+        self.expire(now)
+        events = self._events.get(key)
+        if events is None:
+            events = self._events[key] = deque(maxlen=self.limit)
+            if len(self._events) > self.max_keys:
+                self._events.popitem(last=False)
+        else:
+            self._events.move_to_end(key)
+        events.append(now)
 
     def clear(self, key: str) -> None:
         self._events.pop(key, None)
@@ -91,13 +131,27 @@ class Authenticator:
         login_failures: int = 5,
         login_window: float = 60.0,
         bcrypt_rounds: int = BCRYPT_ROUNDS,
+        register_per_minute: int = 20,
+        hash_concurrency: int = HASH_CONCURRENCY,
+        limiter_max_keys: int = LIMITER_MAX_KEYS,
     ) -> None:
+        if register_per_minute < 0 or hash_concurrency < 1:
+            raise ValueError("register_per_minute must be >= 0 and hash_concurrency >= 1")
         self.store = store
         self.secret = secret
         self.token_ttl = token_ttl
         self.rounds = bcrypt_rounds
-        self.by_user = FailureLimiter(login_failures, login_window)
-        self.by_addr = FailureLimiter(login_failures * 4, login_window)
+        self.by_user = FailureLimiter(login_failures, login_window, limiter_max_keys)
+        self.by_addr = FailureLimiter(login_failures * 4, login_window, limiter_max_keys)
+        self.registrations: FailureLimiter | None = None  # None: unlimited
+        if register_per_minute > 0:
+            self.registrations = FailureLimiter(
+                register_per_minute, REGISTER_WINDOW, limiter_max_keys
+            )
+        # Separate bounds: registrations queue behind registrations, logins
+        # behind logins, and neither kind can hold every thread of the pool.
+        self._hashing = asyncio.Semaphore(hash_concurrency)
+        self._checking = asyncio.Semaphore(hash_concurrency)
         self._dummy_hash = hash_password_sync("dummy-password-for-timing", bcrypt_rounds)
 
     # -- tokens --------------------------------------------------------------
@@ -135,27 +189,56 @@ class Authenticator:
 
     # -- passwords -----------------------------------------------------------
     async def hash_password(self, password: str) -> bytes:
-        return await asyncio.to_thread(hash_password_sync, password, self.rounds)
+        async with self._hashing:
+            return await asyncio.to_thread(hash_password_sync, password, self.rounds)
 
     async def login(self, username: str, password: str, address: str) -> Identity:
-        now = time.monotonic()
+        if not valid_username(username):
+            # No such user can exist: no limiter key, no store read, no hash.
+            raise AuthError(ErrorCode.INVALID_CREDENTIALS, "unknown user or wrong password")
         user_key = username.lower()
-        wait = max(self.by_user.retry_after(user_key, now), self.by_addr.retry_after(address, now))
-        if wait > 0:
-            raise AuthError(
-                ErrorCode.RATE_LIMITED, "too many failed logins; try again later", round(wait, 1)
-            )
+        self._refuse_if_limited(user_key, address)
         user = await self.store.get_user(username)
         stored = user.password_hash if user is not None else self._dummy_hash
-        ok = await asyncio.to_thread(bcrypt.checkpw, password.encode()[:72], stored)
+        async with self._checking:
+            # Again: failures recorded while this login waited count too, so
+            # queued guesses cannot all pass the limit they were checked against.
+            self._refuse_if_limited(user_key, address)
+            ok = await asyncio.to_thread(bcrypt.checkpw, password.encode()[:72], stored)
         if user is None or not ok:
+            now = time.monotonic()
             self.by_user.record(user_key, now)
             self.by_addr.record(address, now)
             raise AuthError(ErrorCode.INVALID_CREDENTIALS, "unknown user or wrong password")
         self.by_user.clear(user_key)
         return self.issue(user.username)
 
-    async def register(self, username: str, password: str) -> Identity:
+    def _refuse_if_limited(self, user_key: str, address: str) -> None:
+        now = time.monotonic()
+        wait = max(self.by_user.retry_after(user_key, now), self.by_addr.retry_after(address, now))
+        if wait > 0:
+            raise AuthError(
+                ErrorCode.RATE_LIMITED, "too many failed logins; try again later", _seconds(wait)
+            )
+
+    async def register(self, username: str, password: str, address: str | None = None) -> Identity:
+        """Create a user and issue its first token.
+
+        ``address`` is the client address that registrations are counted by
+        (``register_per_minute``; ``None``, as for the admin CLI, is not
+        counted); every attempt that passes the cheap checks counts, whether or
+        not the name is free.
+        """
+        limiter = self.registrations if address is not None else None
+        key = address or ""
+        if limiter is not None:
+            wait = limiter.retry_after(key, time.monotonic())
+            if wait > 0:
+                raise AuthError(
+                    ErrorCode.RATE_LIMITED,
+                    "too many registrations from this address; try again later",
+                    _seconds(wait),
+                )
         if not valid_username(username):
             raise AuthError(
                 ErrorCode.BAD_REQUEST, "username must be 1..64 characters of A-Z a-z 0-9 _ . -"
@@ -165,6 +248,8 @@ class Authenticator:
                 ErrorCode.WEAK_PASSWORD,
                 "password must be at least 8 characters and differ from the username",
             )
+        if limiter is not None:
+            limiter.record(key, time.monotonic())
         if await self.store.get_user(username) is not None:
             raise AuthError(ErrorCode.USER_EXISTS, "that username is taken")
         try:
@@ -172,3 +257,8 @@ class Authenticator:
         except UserExists:
             raise AuthError(ErrorCode.USER_EXISTS, "that username is taken") from None
         return self.issue(user.username)
+
+
+def _seconds(wait: float) -> float:
+    """``retry_after`` on the wire: tenths of a second, never 0 while refusing."""
+    return max(0.1, round(wait, 1))

@@ -230,7 +230,9 @@ class Connection:
                         elif isinstance(frame, Register):
                             if not self.settings.registration_open:
                                 raise AuthError(ErrorCode.UNAUTHORIZED, "registration is closed")
-                            identity = await auth.register(frame.username, frame.password)
+                            identity = await auth.register(
+                                frame.username, frame.password, self.address
+                            )
                         else:
                             self.outbox.push(_unauthorized(frame))
                             continue

@@ -82,6 +82,8 @@ class Settings:
     auth_tries: int = 5
     bcrypt_rounds: int = 12
     keepalive: float = 20.0
+    register_per_minute: int = 20
+    cpu_slots_per_user: int = 1
     # Per-user budgets, across every process and replica on one store.
     max_sessions_per_user: int = 20  # open or draining sessions (4429 beyond)
     max_pending_per_user: int = 5000  # unfinished requests, all sessions (queue_full)
@@ -191,6 +193,10 @@ class Settings:
         for name in ("max_submits_per_second", "max_sleep", "shutdown_grace"):
             if getattr(self, name) < 0:
                 raise bad(name, "must not be negative")
+        if self.register_per_minute < 0:
+            raise bad("register_per_minute", "must not be negative (0 = unlimited)")
+        if self.cpu_slots_per_user < 1:
+            raise bad("cpu_slots_per_user", "must be at least 1")
         if self.max_message_bytes < 1024:
             raise bad("max_message_bytes", "must be at least 1024")
         if self.log_format not in ("auto", "text", "json"):
