@@ -9,12 +9,17 @@ from collections.abc import Mapping
 from typing import Any
 
 from consumers.context import Context
-from consumers.registry import BadArgs, Registry
+from consumers.registry import BadArgs, OpError, Registry
 from protocol import decode_json, encode_json
+from server import metrics
+from server.store.base import BudgetExceeded
 
 MAX_COUNT = 10_000
 MAX_HASH_ROUNDS = 10_000_000
 MAX_KEY = 256
+KV_MAX_VALUE_BYTES = 65_536  # SESSIONQ_KV_MAX_VALUE_BYTES's default (limits["kv_max_value_bytes"])
+KV_LIST_LIMIT = 100  # kv.list's page when no limit is given
+KV_LIST_MAX = 1_000  # the largest page kv.list returns
 
 
 def _number(args: dict[str, Any], name: str, default: float | None = None) -> float:
@@ -74,11 +79,24 @@ def _validate_put(args: dict[str, Any], limits: Mapping[str, Any]) -> None:
     _validate_key(args, limits)
     if "value" not in args:
         raise BadArgs("value is required")
+    most = int(limits.get("kv_max_value_bytes", KV_MAX_VALUE_BYTES))
+    try:
+        size = len(encode_json(args["value"]))
+    except (TypeError, ValueError):  # e.g. an integer wider than 64 bits
+        raise BadArgs("value cannot be stored as JSON") from None
+    if size > most:
+        raise BadArgs(f"value is {size} bytes as JSON; at most {most} are allowed")
 
 
 def _validate_list(args: dict[str, Any], limits: Mapping[str, Any]) -> None:
     if "prefix" in args:
         _str(args, "prefix", MAX_KEY)
+    if "limit" in args:
+        limit = _int(args, "limit")
+        if not 1 <= limit <= KV_LIST_MAX:
+            raise BadArgs(f"limit must be between 1 and {KV_LIST_MAX}")
+    if args.get("next") is not None:
+        _str(args, "next", MAX_KEY)
 
 
 # --- hash: PBKDF2-HMAC-SHA256, 32-byte key, salt "sessionq" ----------------------
@@ -184,7 +202,16 @@ def register_builtins(registry: Registry) -> None:
 
     @registry.op("kv.put", validate=_validate_put)
     async def kv_put(args: dict[str, Any], ctx: Context) -> Any:
-        await ctx.store.kv_put(ctx.user, args["key"], encode_json(args["value"]).decode())
+        most = ctx.limits.get("kv_max_bytes_per_user")
+        value = encode_json(args["value"]).decode()
+        try:
+            await ctx.store.kv_put(ctx.user, args["key"], value, max_bytes=most)
+        except BudgetExceeded as exc:
+            metrics.budget_hit(exc.budget.value)
+            raise OpError(
+                "quota_exceeded",
+                f"the user's key-value data would exceed {exc.limit} bytes; delete keys first",
+            ) from None
         return {"key": args["key"], "ok": True}
 
     @registry.op("kv.get", validate=_validate_key)
@@ -199,5 +226,14 @@ def register_builtins(registry: Registry) -> None:
 
     @registry.op("kv.list", validate=_validate_list)
     async def kv_list(args: dict[str, Any], ctx: Context) -> Any:
-        items = await ctx.store.kv_list(ctx.user, args.get("prefix", ""))
-        return {"items": [{"key": k, "value": decode_json(v)} for k, v in items]}
+        """A page of at most ``limit`` entries; ``next`` is the last key of a
+        full page (pass it back to continue after it), null on the last page."""
+        limit = int(args.get("limit", KV_LIST_LIMIT))
+        after = args.get("next")
+        # One entry more than the page tells whether another page follows.
+        items = await ctx.store.kv_list(ctx.user, args.get("prefix", ""), limit + 1, after)
+        page = items[:limit]
+        return {
+            "items": [{"key": k, "value": decode_json(v)} for k, v in page],
+            "next": page[-1][0] if len(items) > limit else None,
+        }

@@ -115,7 +115,8 @@ class Session:
             return ErrorCode.UNKNOWN_OP, f"unknown op {name!r}"
         if op.validate is not None:
             try:
-                op.validate(args, {"max_sleep": self.settings.max_sleep})
+                op.validate(args, {"max_sleep": self.settings.max_sleep,
+                                   "kv_max_value_bytes": self.settings.kv_max_value_bytes})  # fmt: skip
             except BadArgs as exc:
                 return ErrorCode.BAD_REQUEST, exc.message
         return None

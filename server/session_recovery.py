@@ -104,7 +104,8 @@ class Recovery:
             raise
         consumer = SessionConsumer(
             s, s.store, s.store, s.registry,
-            limits={"max_sleep": s.settings.max_sleep, "cpu_slots": s.settings.cpu_slots_per_user},
+            limits={"max_sleep": s.settings.max_sleep, "cpu_slots": s.settings.cpu_slots_per_user,
+                    "kv_max_bytes_per_user": s.settings.kv_max_bytes_per_user},
             op_timeout=s.settings.op_timeout, max_attempts=s.settings.max_attempts,
             cpu_pool=s.cpu_pool, observe=metrics.observe_request,
             max_result_bytes=s.settings.max_result_bytes,

@@ -187,3 +187,70 @@ async def test_budget_refusals_are_counted_by_budget(
     refusal = (await first.recv_until(lambda f: f.get("id") == "e"))[-1]
     assert refusal["code"] == "queue_full"
     assert _hits("pending") == pending + 1
+
+
+# -- key-value quotas (one process) ---------------------------------------------------
+async def test_a_kv_value_over_the_size_limit_is_refused_before_acceptance(
+    server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    server = await server_factory(kv_max_value_bytes=100)
+    client = await user_client(target=server)
+    await client.submit("big", "kv.put", {"key": "k", "value": "x" * 99})  # 101 bytes as JSON
+    refusal = (await client.recv_until(lambda f: f.get("id") == "big"))[-1]
+    assert (refusal["type"], refusal["code"], "seq" in refusal) == ("error", "bad_request", False)
+    assert "100" in refusal["message"]
+    await client.submit("fits", "kv.put", {"key": "k", "value": "x" * 98})  # 100 bytes
+    await client.submit("get", "kv.get", {"key": "k"})
+    finals = finals_of(await client.finals(2))
+    assert finals[1]["value"] == {"key": "k", "found": True, "value": "x" * 98}
+
+
+async def test_a_put_over_the_users_kv_bytes_ends_quota_exceeded(
+    server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    server = await server_factory(kv_max_bytes_per_user=50)
+    hits = _hits("kv_bytes")
+    client = await user_client(target=server)
+    await client.submit("p1", "kv.put", {"key": "a", "value": "x" * 30})  # 1 + 32 bytes
+    await client.submit("p2", "kv.put", {"key": "b", "value": "x" * 30})  # 33 more: over 50
+    await client.submit("g2", "kv.get", {"key": "b"})
+    await client.submit("d1", "kv.delete", {"key": "a"})
+    await client.submit("p3", "kv.put", {"key": "b", "value": "x" * 30})  # fits now
+    finals = {f["id"]: f for f in finals_of(await client.finals(5))}
+    assert finals["p1"]["type"] == "result"
+    assert (finals["p2"]["type"], finals["p2"]["code"]) == ("error", "quota_exceeded")
+    assert finals["p2"]["seq"] == 2 and "50" in finals["p2"]["message"]
+    assert finals["g2"]["value"]["found"] is False  # the refused put stored nothing
+    assert finals["p3"]["value"] == {"key": "b", "ok": True}
+    assert _hits("kv_bytes") == hits + 1
+    # The count is the user's over all sessions (and processes: the store's).
+    other = await user_client(target=server)
+    await other.submit("own", "kv.put", {"key": "a", "value": "x" * 40})  # another user's own
+    assert finals_of(await other.finals(1))[0]["type"] == "result"
+
+
+async def test_kv_list_pages_with_limit_and_next(
+    server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    server = await server_factory()
+    client = await user_client(target=server)
+    for i in range(101):
+        await client.submit(f"p{i}", "kv.put", {"key": f"k/{i:03}", "value": i})
+    await client.submit("other", "kv.put", {"key": "z", "value": 0})
+    await client.finals(102)
+    await client.submit("all", "kv.list", {"prefix": "k/"})  # default limit: 100
+    page = finals_of(await client.finals(1))[0]["value"]
+    assert [item["key"] for item in page["items"]] == [f"k/{i:03}" for i in range(100)]
+    assert page["next"] == "k/099"
+    await client.submit("rest", "kv.list", {"prefix": "k/", "next": page["next"]})
+    assert finals_of(await client.finals(1))[0]["value"] == {
+        "items": [{"key": "k/100", "value": 100}],
+        "next": None,
+    }
+    await client.submit("two", "kv.list", {"prefix": "k/", "limit": 2, "next": "k/050"})
+    page = finals_of(await client.finals(1))[0]["value"]
+    assert ([item["key"] for item in page["items"]], page["next"]) == (["k/051", "k/052"], "k/052")
+    for rid, limit in (("zero", 0), ("huge", 1001), ("text", "5")):
+        await client.submit(rid, "kv.list", {"limit": limit})
+        refusal = (await client.recv_until(lambda f, rid=rid: f.get("id") == rid))[-1]
+        assert (refusal["code"], "seq" in refusal) == ("bad_request", False), refusal

@@ -449,11 +449,11 @@ async def test_kv_operations(user_client: ClientFactory) -> None:
     values = {f["id"]: f["value"] for f in finals}
     assert values["g"] == {"key": "a/1", "found": True, "value": {"n": 1}}
     assert values["l"] == {"items": [{"key": "a/1", "value": {"n": 1}},
-                                     {"key": "a/2", "value": [2]}]}  # fmt: skip
+                                     {"key": "a/2", "value": [2]}], "next": None}  # fmt: skip
     assert values["d"]["deleted"] is True
     assert values["g2"]["found"] is False
     await bob.submit("bl", "kv.list", {"prefix": ""})
-    assert finals_of(await bob.finals(1))[0]["value"] == {"items": []}
+    assert finals_of(await bob.finals(1))[0]["value"] == {"items": [], "next": None}
 
 
 # -- the broker side -------------------------------------------------------------
