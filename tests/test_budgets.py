@@ -22,6 +22,8 @@ from conftest import BROKER_URL, UNIT, Client, ClientFactory, ServerFactory, fin
 from prometheus_client import REGISTRY
 from test_faults import SECRET, ServerProcess, open_client
 
+from server.settings import Settings, SettingsError
+
 Start = Callable[..., Awaitable[ServerProcess]]
 
 STORES = [
@@ -254,3 +256,17 @@ async def test_kv_list_pages_with_limit_and_next(
         await client.submit(rid, "kv.list", {"limit": limit})
         refusal = (await client.recv_until(lambda f, rid=rid: f.get("id") == rid))[-1]
         assert (refusal["code"], "seq" in refusal) == ("bad_request", False), refusal
+
+
+def test_budget_settings_must_be_positive() -> None:
+    for name in (
+        "MAX_SESSIONS_PER_USER", "MAX_PENDING_PER_USER", "KV_MAX_VALUE_BYTES",
+        "KV_MAX_BYTES_PER_USER",
+    ):  # fmt: skip
+        with pytest.raises(SettingsError, match=f"SESSIONQ_{name}: must be greater than 0"):
+            Settings.from_env(environ={f"SESSIONQ_{name}": "0"})
+    defaults = Settings.from_env(environ={})
+    assert (
+        defaults.max_sessions_per_user, defaults.max_pending_per_user,
+        defaults.kv_max_value_bytes, defaults.kv_max_bytes_per_user,
+    ) == (20, 5000, 65536, 16777216)  # fmt: skip
