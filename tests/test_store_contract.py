@@ -747,3 +747,38 @@ async def test_a_store_from_before_budgets_derives_them_once(tmp_path: Path) -> 
         assert (await again.usage("alice")).pending == 2
     finally:
         await again.close()
+
+
+@pytest.mark.mongodb
+async def test_a_mongodb_store_from_before_budgets_derives_them_once(
+    mongodb_url: str, mongodb_database: str
+) -> None:
+    from pymongo import AsyncMongoClient
+
+    client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(mongodb_url)
+    db = client[mongodb_database]
+    try:  # documents as an earlier version wrote them: no counters, no sizes
+        await db["sessions"].insert_one(
+            {"_id": "s1", "username": "alice", "created_at": 0.0, "last_seq": 3,
+             "owner": "A", "epoch": 1, "lease_until": FAR}
+        )  # fmt: skip
+        await db["requests"].insert_many(
+            [{"session_id": "s1", "seq": seq, "client_id": f"c{seq}", "op": "echo", "args": "{}",
+              "state": state, "attempts": 0, "failed": False, "final": None,
+              "created_at": 0.0, "finished_at": None}
+             for seq, state in ((1, "done"), (2, "running"), (3, "queued"))]
+        )  # fmt: skip
+        await db["kv"].insert_one({"username": "alice", "key": "k", "value": '"v"'})
+    finally:
+        await client.close()
+    for _ in range(2):  # the second opening derives nothing again
+        store = MongoStore(mongodb_url, database=mongodb_database)
+        await store.open()
+        try:
+            usage = await store.usage("alice")
+            assert (usage.pending, usage.kv_bytes) == (2, 4)
+            await store.kv_delete("alice", "k")  # an entry without a stored size
+            assert (await store.usage("alice")).kv_bytes == 0
+            await store.kv_put("alice", "k", '"v"')
+        finally:
+            await store.close()
