@@ -193,15 +193,21 @@ class MongoStore(Store):
         if limit is None or n <= 0:
             await self._budgets.update_one({"_id": username}, {"$inc": {field: n}}, upsert=True)
             return True
-        await self._budgets.update_one(
-            {"_id": username}, {"$setOnInsert": {"pending": 0, "kv_bytes": 0}}, upsert=True
-        )
-        doc = await self._budgets.find_one_and_update(
-            {"_id": username, field: {"$lte": limit - n}},
-            {"$inc": {field: n}},
-            projection={"_id": True},
-        )
-        return doc is not None
+        for first in (True, False):  # one command, unless the user has no document yet
+            doc = await self._budgets.find_one_and_update(
+                {"_id": username, field: {"$lte": limit - n}},
+                {"$inc": {field: n}},
+                projection={"_id": True},
+            )
+            if doc is not None:
+                return True
+            if first:
+                created = await self._budgets.update_one(
+                    {"_id": username}, {"$setOnInsert": {"pending": 0, "kv_bytes": 0}}, upsert=True
+                )
+                if created.upserted_id is None:
+                    return False  # it existed: the budget is used up
+        return False
 
     async def _give_back(self, session_id: str, n: int) -> None:
         if n:
