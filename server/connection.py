@@ -179,16 +179,19 @@ class Connection:
         finally:
             if self._expiry is not None:
                 self._expiry.cancel()
-            if self.session is not None:
-                self.session.detach(self.outbox)
-                if self.session.outbox is None:  # it was ours: no connection carries it now
-                    await _carried(self.session, False)
+            left = self.session
+            if left is not None:
+                left.detach(self.outbox)
+                if left.outbox is not None:
+                    left = None  # another connection carries it now
             if slot and self.identity is not None:
                 self.server.free_user_slot(self.identity.username)
             await self.outbox.stop()
             if self._closing is not None:
                 await asyncio.gather(self._closing, return_exceptions=True)
             metrics.connections.dec()
+            if left is not None:  # last: the store write must not hold up the rest
+                await _carried(left)
 
     # -- authentication ---------------------------------------------------------
     def _welcome(self, identity: Identity, session_id: str) -> bytes:
@@ -345,14 +348,17 @@ class Connection:
             self.outbox.push(error_frame(exc))
             return
         if target is not previous:
-            await _carried(target, True)
+            await _carried(target)
             if previous.outbox is None:
-                await _carried(previous, False)
+                await _carried(previous)
 
 
-async def _carried(session: Session, carried: bool) -> None:
-    """Tell the store whether a connection carries ``session`` (what
-    SESSIONQ_MAX_CONNECTIONS_PER_USER counts across processes)."""
+async def _carried(session: Session) -> None:
+    """Tell the store whether a connection carries ``session`` now (what
+    SESSIONQ_MAX_CONNECTIONS_PER_USER counts across processes). The state is
+    read when the write is queued, so of two connections' writes for one
+    session, the later one is right whichever order they were started in."""
+    carried = session.outbox is not None
     try:
         await session.store.set_carried(session.session_id, session.epoch, carried)
     except StoreError as exc:  # the count catches up with the next change or release
