@@ -28,7 +28,14 @@ from protocol import CloseCode, ErrorCode, Submit, encode_error
 from server import metrics
 from server.broker import Broker, BrokerError, Channel
 from server.errors import error_frame
-from server.session_core import BEGIN_CLOSE, START_PUMP, Command, Refuse, SessionCore
+from server.session_core import (
+    BEGIN_CLOSE,
+    START_PUMP,
+    Command,
+    Refuse,
+    SendAll,
+    SessionCore,
+)
 from server.session_pump import SubmitPump
 from server.session_recovery import Recovery, Work
 from server.session_state import SessionState
@@ -156,7 +163,12 @@ class Session:
     def run(self, commands: Iterable[Command]) -> None:
         """Carry out what the core asked for."""
         for command in commands:
-            if command is START_PUMP:
+            if type(command) is SendAll:
+                outbox = self.outbox
+                if outbox is not None:
+                    for frame in command.frames:
+                        outbox.push(frame)
+            elif command is START_PUMP:
                 self.pump.start()
             elif command is BEGIN_CLOSE:
                 self._begin_close()
@@ -387,7 +399,7 @@ class Session:
     def submit(self, frame: Submit) -> None:
         """Check a submit and queue it for the pump, or refuse it at once."""
         ready = self.consumer is not None and self.broker.connected
-        commands = self.core.submit(frame, now=time.monotonic(), broker_ready=ready)
+        commands = self.core.submit(frame, now=time.monotonic, broker_ready=ready)
         if commands:
             self.run(commands)
 
