@@ -309,7 +309,7 @@ class Session:
         self.recovery.cancel_sleeping_repair()
 
     async def _release(self) -> None:
-        await self.forget_refused()
+        await self.pump.forget_refused()
         try:
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError as exc:
@@ -320,24 +320,6 @@ class Session:
         """Wait until a closing session has either released its ownership or
         been carried on after all (a resume attached it while it closed)."""
         await self._close_settled.wait()
-
-    async def remove_refused(self) -> None:
-        """Remove the requests of refused batches from the store (their seqs
-        are reused, and a next owner would run them); raises StoreError."""
-        await self.store.remove_requests(self.session_id, self.epoch, self.core.unremoved)
-        self.core.unremoved = []
-
-    async def forget_refused(self) -> None:
-        """:meth:`remove_refused`, best effort: if the store fails, the next
-        batch (or the release) tries again; a fenced one gives the session up."""
-        if not self.core.unremoved:
-            return
-        try:
-            await self.remove_refused()
-        except StoreError as exc:
-            self.log.warning("could not forget refused requests {}: {}", self.core.unremoved, exc)
-            if isinstance(exc, Fenced):
-                self.lost_ownership()
 
     # -- SessionPort (used by the consumer) ------------------------------------------
     def push(self, frame: bytes) -> None:
