@@ -110,8 +110,9 @@ class Settings:
             raise bad("port", "must be 0..65535")
         if not self.broker_url.startswith(("amqp://", "amqps://")):
             raise bad("broker_url", "must start with amqp:// or amqps://")
-        if not self.store_url.startswith(("sqlite:///", "mongodb://", "mongodb+srv://")):
-            raise bad("store_url", "must be sqlite:///path or mongodb://...")
+        stores = ("sqlite:///", "mongodb://", "mongodb+srv://", "postgresql://", "postgres://")
+        if not self.store_url.startswith(stores):
+            raise bad("store_url", "must be sqlite:///path, mongodb://... or postgresql://...")
         if self.env not in ("development", "production"):
             raise bad("env", "must be development or production")
         if self.production and len(self.jwt_secret.encode()) < 32:

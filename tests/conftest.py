@@ -12,7 +12,6 @@ import os
 import socket
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -23,6 +22,8 @@ from websockets.asyncio.client import ClientConnection
 from server import logs
 from server.app import Server
 from server.settings import Settings
+
+pytest_plugins = ["tests.store_servers"]  # store_url, PostgreSQL databases
 
 # The server objects run in the test's process: show warnings and worse only.
 logs.configure("text", os.environ.get("SESSIONQ_TEST_LOG_LEVEL", "WARNING"))
@@ -127,14 +128,14 @@ ServerFactory = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
-async def server_factory(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+async def server_factory(store_url: str) -> AsyncIterator[ServerFactory]:
     servers: list[Server] = []
 
     async def make(**overrides: Any) -> Server:
         values: dict[str, Any] = dict(
             port=0,
             broker_url=BROKER_URL,
-            store_url=f"sqlite:///{tmp_path}/sq.db",
+            store_url=store_url,  # SESSIONQ_TEST_STORE's (tests/store_servers.py)
             jwt_secret="x" * 40,
             bcrypt_rounds=4,
             log_format="text",

@@ -1,6 +1,7 @@
-"""One contract for every store backend, plus what only SQLite can show here.
+"""One contract for every store backend, plus what only one backend can show.
 
-SQLite runs on a real file everywhere. MongoDB runs where
+SQLite runs on a real file everywhere; PostgreSQL on a real server
+(tests/store_servers.py: a database per run, a schema per test). MongoDB runs where
 ``SESSIONQ_TEST_MONGODB_URL`` points at a server (each test in a database of
 its own, dropped afterwards) and is skipped, saying so, elsewhere.
 """
@@ -32,6 +33,7 @@ from server.store import (
     open_store,
 )
 from server.store.mongodb import MongoStore
+from server.store.postgres import PostgresStore
 from server.store.sqlite import SqliteStore
 
 UNIT = 0.1  # seconds; every timeout below is a multiple of it
@@ -40,31 +42,48 @@ NO_MONGODB = "SESSIONQ_TEST_MONGODB_URL not set: no MongoDB server to test again
 FAR = 1e12  # a lease that outlives every test
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param("mongodb", marks=pytest.mark.skipif(not MONGODB_URL, reason=NO_MONGODB)),
-    ]
-)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    database = f"sessionq_test_{uuid.uuid4().hex[:12]}"
-    s: Store
-    if request.param == "sqlite":
-        s = SqliteStore(tmp_path / "store.db")
-    else:
-        assert MONGODB_URL
-        s = MongoStore(MONGODB_URL, database=database)
+# One fixture per backend, named "<backend>_store"; ``store`` runs each test on each.
+BACKENDS = [
+    "sqlite",
+    "postgresql",
+    pytest.param("mongodb", marks=pytest.mark.skipif(not MONGODB_URL, reason=NO_MONGODB)),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest) -> Store:
+    backend: Store = request.getfixturevalue(f"{request.param}_store")
+    return backend
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "store.db")
     await s.open()
     try:
         yield s
     finally:
         await s.close()
-        if request.param == "mongodb":
-            client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(MONGODB_URL)
-            try:
-                await client.drop_database(database)
-            finally:
-                await client.close()
+
+
+# postgresql_store: tests/store_servers.py (a schema of its own in the run's database)
+
+
+@pytest.fixture
+async def mongodb_store() -> AsyncIterator[MongoStore]:
+    assert MONGODB_URL
+    database = f"sessionq_test_{uuid.uuid4().hex[:12]}"
+    s = MongoStore(MONGODB_URL, database=database)
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+        client: AsyncMongoClient[dict[str, object]] = AsyncMongoClient(MONGODB_URL)
+        try:
+            await client.drop_database(database)
+        finally:
+            await client.close()
 
 
 def reqs(*seqs: int) -> list[NewRequest]:
@@ -415,7 +434,9 @@ async def test_open_store_picks_the_backend_by_url(
     assert isinstance(absolute, SqliteStore) and absolute.path == tmp_path / "abs" / "sq.db"
     assert isinstance(open_store("mongodb://127.0.0.1:1/db"), MongoStore)
     assert isinstance(open_store("mongodb+srv://cluster.example.com/db"), MongoStore)
-    for bad in ("postgres://x/db", "sqlite://x.db", "sqlite:///"):
+    assert isinstance(open_store("postgresql://u:p@127.0.0.1:1/db"), PostgresStore)
+    assert isinstance(open_store("postgres://u:p@db.example.com/db"), PostgresStore)
+    for bad in ("postgresql:/x/db", "sqlite://x.db", "sqlite:///"):
         with pytest.raises(ValueError, match="store URL"):
             open_store(bad)
 
@@ -433,16 +454,6 @@ async def test_a_mongodb_store_fails_with_store_error_before_it_is_open() -> Non
 
 
 # -- SQLite only -------------------------------------------------------------------
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "store.db")
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
-
-
 async def test_concurrent_writes_share_commits(sqlite_store: SqliteStore) -> None:
     s = sqlite_store
     sid = await new_session(s)

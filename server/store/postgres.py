@@ -1,0 +1,531 @@
+"""PostgreSQL backend, on asyncpg with a connection pool.
+
+For the scale-out setup (DESIGN.md): every replica shares one PostgreSQL. What
+the SQLite store taught, and how it carries over:
+
+* Group commit. Every write is queued to one writer task, which takes
+  everything queued, sends it as one call of the server-side function
+  ``sessionq_batch`` (:mod:`.postgres_schema`) and answers each caller. Writes
+  that arrive while that call runs form the next batch, across sessions: no
+  timer, no added latency when one write is in flight. One call is one round
+  trip and one commit (it runs outside an explicit transaction), however many
+  writes the batch holds: on a busy event loop every round trip costs a turn
+  of the loop, so a round trip per write would bound throughput.
+* A batch first runs plainly. If a write in it fails (a taken seq or client
+  id), the whole call is rolled back and the batch runs again with each write
+  in a subtransaction of its own, so the failing one fails alone. Fenced writes
+  and taken user names never fail the call: they come back as outcomes.
+* Fencing by epoch in the statement that writes (see :mod:`.postgres_schema`).
+* A failure of the call as a whole (the server gone, the connection broken,
+  disk full) fails every write of the batch with StoreError and counts them
+  in ``on_failure``; the next batch takes a fresh connection from the pool, so
+  the store recovers by itself. A deadlock with another process's batch is
+  retried (PostgreSQL aborts one of the two).
+* Leases compare the caller's ``now`` (and the stored ``lease_until``, also
+  the caller's clock), not the database's: the interface passes ``now`` and
+  the contract tests pass made-up times. Processes sharing one database need
+  clocks that agree to within a fraction of the lease (NTP does that).
+* Reads go to the pool, one statement each; READ COMMITTED shows them only
+  committed data.
+
+PostgreSQL's text cannot hold the NUL character, which SQLite and MongoDB
+store: a write or read with one fails alone with StoreError (a write without
+failing its batch). ``?search_path=name`` in the URL puts the tables in that
+schema (asyncpg passes unknown URL parameters on as server settings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import time
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import asyncpg
+import orjson
+
+from . import postgres_schema
+from .base import (
+    Fenced,
+    NewRequest,
+    RequestRecord,
+    RequestState,
+    SessionCounts,
+    SessionRecord,
+    Store,
+    StoreError,
+    User,
+    UserExists,
+)
+
+P = ParamSpec("P")
+R = TypeVar("R")
+Op = list[Any]  # [name, args...] as sessionq_op takes it
+
+POOL_SIZE = 10
+CONNECT_TIMEOUT = 10.0
+PURGE_CHUNK = 5000  # rows deleted per transaction, as in the SQLite store
+DEADLOCK_RETRIES = 3
+# Errors of the connection rather than of what was sent: running the batch
+# again, carefully, on the same connection would only fail again.
+CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+
+REQUEST_COLUMNS = (
+    "session_id, seq, client_id, op, args, state, attempts, failed, final, created_at, finished_at"
+)
+SESSION_COLUMNS = "session_id, username, created_at, last_seq, owner, epoch, lease_until"
+
+
+def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
+    """Turn asyncpg's and the OS's errors of a read into StoreError (counted)."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            return await fn(*args, **kwargs)
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS, TimeoutError) as e:
+            if args and isinstance(args[0], Store):
+                args[0]._failed()
+            raise StoreError(f"postgresql: {e}") from e
+
+    return wrapper
+
+
+class PostgresStore(Store):
+    """The store in one PostgreSQL database (see the module docstring)."""
+
+    def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:
+        self.url = url
+        self.pool_size = pool_size
+        self.commits = 0  # batches committed (tests check the grouping)
+        self._pool: asyncpg.Pool | None = None
+        self._pending: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._wakeup = asyncio.Event()
+        self._writer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    # -- lifecycle -----------------------------------------------------------
+    async def open(self) -> None:
+        if self._pool is not None:
+            return
+        try:
+            pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT
+            )
+        except (asyncpg.PostgresError, *CONNECTION_ERRORS, TimeoutError, ValueError) as e:
+            raise StoreError(f"postgresql: cannot connect: {e}") from e
+        try:
+            async with pool.acquire() as connection:
+                await postgres_schema.migrate(connection)
+        except BaseException as e:
+            await pool.close()
+            if isinstance(e, asyncpg.PostgresError | OSError | asyncpg.InterfaceError):
+                raise StoreError(f"postgresql: cannot set the schema up: {e}") from e
+            raise
+        self._pool = pool
+        self._closing = False
+        self._writer = asyncio.create_task(self._write_loop(), name="postgresql writer")
+
+    async def close(self) -> None:
+        if self._pool is None:
+            return
+        self._closing = True
+        self._wakeup.set()
+        if self._writer is not None:
+            await self._writer  # drains what is queued
+            self._writer = None
+        pool, self._pool = self._pool, None
+        await pool.close()
+
+    @translated
+    async def ping(self) -> None:
+        await self._pool_().fetchval("SELECT 1")
+
+    def _pool_(self) -> asyncpg.Pool:
+        if self._pool is None:
+            raise StoreError("the store is not open")
+        return self._pool
+
+    # -- the writer ----------------------------------------------------------
+    async def _write(self, op: Op) -> Any:
+        """Queue ``op`` for the next batch; return its result once committed,
+        or raise what its outcome says (Fenced, UserExists, StoreError)."""
+        if self._writer is None or self._closing:
+            raise StoreError("the store is not open")
+        if _has_nul(op):  # a value PostgreSQL cannot take fails here, alone
+            raise StoreError("postgresql: text cannot contain the NUL character")
+        try:
+            encoded = orjson.dumps(op)
+        except TypeError as e:  # a lone surrogate
+            raise StoreError(f"postgresql: cannot store {e}") from e
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((encoded, future))
+        self._wakeup.set()
+        outcome = await future
+        if "e" not in outcome:
+            return outcome["r"]
+        kind = outcome["e"]
+        if kind == "fenced":
+            raise Fenced(f"session {op[1]}: epoch is not current")
+        if kind == "user_exists":
+            raise UserExists(op[1])
+        raise StoreError(f"postgresql: {outcome.get('m', kind)}")
+
+    async def _write_loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, self._pending = self._pending, []
+            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
+        try:
+            outcomes = await self._run([op for op, _ in batch])
+        except Exception as e:  # the call failed: nothing of the batch is stored
+            self._failed(len(batch))
+            error = StoreError(f"postgresql: {e}")
+            error.__cause__ = e
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(error)
+            return
+        except asyncio.CancelledError:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StoreError("the store's writer was cancelled"))
+            raise
+        self.commits += 1
+        for (_, fut), outcome in zip(batch, outcomes, strict=True):
+            if not fut.done():
+                fut.set_result(outcome)
+
+    async def _run(self, ops: list[bytes]) -> list[dict[str, Any]]:
+        """One call of sessionq_batch for ``ops`` (each a JSON array): plainly,
+        then carefully if the plain call failed for something sent; raises if
+        the call fails."""
+        payload = (b"[" + b",".join(ops) + b"]").decode()
+        async with self._pool_().acquire() as connection:
+            for attempt in range(DEADLOCK_RETRIES + 1):
+                try:
+                    result = await connection.fetchval(
+                        "SELECT sessionq_batch($1::jsonb, false)", payload
+                    )
+                    break
+                except RETRIED:
+                    if attempt == DEADLOCK_RETRIES:
+                        raise
+                except asyncpg.PostgresError as e:
+                    if isinstance(e, CONNECTION_ERRORS):
+                        raise
+                    result = await connection.fetchval(
+                        "SELECT sessionq_batch($1::jsonb, true)", payload
+                    )
+                    break
+        outcomes: list[dict[str, Any]] = orjson.loads(result)
+        return outcomes
+
+    # -- users ---------------------------------------------------------------
+    async def create_user(self, username: str, password_hash: bytes) -> User:
+        user = User(username, password_hash, time.time())
+        encoded = base64.b64encode(password_hash).decode()
+        await self._write(["create_user", username, username.lower(), encoded, user.created_at])
+        return user
+
+    @translated
+    async def get_user(self, username: str) -> User | None:
+        _check_text(username)
+        row = await self._pool_().fetchrow(
+            "SELECT username, password_hash, created_at FROM users WHERE username_lower = $1",
+            username.lower(),
+        )
+        return None if row is None else User(row[0], bytes(row[1]), row[2])
+
+    # -- sessions and ownership ----------------------------------------------
+    async def create_session(
+        self, session_id: str, username: str, owner: str, lease_until: float
+    ) -> SessionRecord:
+        record = SessionRecord(session_id, username, time.time(), 0, owner, 1, lease_until)
+        await self._write(
+            ["create_session", session_id, username, record.created_at, owner, lease_until]
+        )
+        return record
+
+    @translated
+    async def get_session(self, session_id: str) -> SessionRecord | None:
+        _check_text(session_id)
+        row = await self._pool_().fetchrow(
+            f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id
+        )
+        return None if row is None else SessionRecord(*row)
+
+    async def claim_session(
+        self, session_id: str, owner: str, lease_until: float, now: float
+    ) -> int | None:
+        epoch = await self._write(["claim", session_id, owner, lease_until, now])
+        return None if epoch is None else int(epoch)
+
+    @translated
+    async def orphaned_sessions(self, now: float, limit: int = 100) -> list[str]:
+        rows = await self._pool_().fetch(
+            "SELECT s.session_id FROM sessions s"
+            " WHERE (s.owner IS NULL OR s.lease_until < $1)"
+            " AND EXISTS (SELECT 1 FROM requests r"
+            "             WHERE r.session_id = s.session_id AND r.state <> 'done')"
+            " LIMIT $2",
+            now,
+            limit,
+        )
+        return [row[0] for row in rows]
+
+    async def release_session(self, session_id: str, epoch: int) -> bool:
+        return bool(await self._write(["release", session_id, epoch]))
+
+    async def renew_leases(self, owner: str, lease_until: float) -> int:
+        return int(await self._write(["renew_leases", owner, lease_until]))
+
+    async def renew_session(self, session_id: str, epoch: int, lease_until: float) -> None:
+        await self._write(["renew_session", session_id, epoch, lease_until])
+
+    # -- requests ------------------------------------------------------------
+    async def add_requests(
+        self, session_id: str, epoch: int, requests: Sequence[NewRequest], now: float
+    ) -> None:
+        if not requests:
+            return
+        rows = [[r.seq, r.client_id, r.op, r.args] for r in requests]
+        await self._write(["add", session_id, epoch, rows, now])
+
+    async def remove_requests(self, session_id: str, epoch: int, seqs: Sequence[int]) -> None:
+        if seqs:
+            await self._write(["remove", session_id, epoch, list(seqs)])
+
+    async def start_request(self, session_id: str, seq: int, epoch: int) -> int:
+        return int(await self._write(["start", session_id, seq, epoch]))
+
+    async def finish_request(
+        self,
+        session_id: str,
+        seq: int,
+        epoch: int | None,
+        final: str,
+        failed: bool,
+        now: float,
+        start_next: int | None = None,
+    ) -> tuple[bool, int | None]:
+        stored, started = await self._write(
+            ["finish", session_id, seq, epoch, final, failed, now, start_next]
+        )
+        return bool(stored), None if started is None else int(started)
+
+    async def finish_requests(
+        self, session_id: str, epoch: int, finals: Sequence[tuple[int, str, bool]], now: float
+    ) -> list[bool]:
+        if not finals:
+            return []
+        # As finish_request each: a seq given twice is stored once (the first).
+        first: dict[int, tuple[str, bool]] = {}
+        for seq, final, failed in finals:
+            first.setdefault(seq, (final, failed))
+        values = [[seq, final, failed] for seq, (final, failed) in first.items()]
+        finished = set(await self._write(["finish_many", session_id, epoch, values, now]))
+        stored = []
+        for seq, _, _ in finals:
+            stored.append(seq in finished)
+            finished.discard(seq)
+        return stored
+
+    @translated
+    async def get_request(self, session_id: str, seq: int) -> RequestRecord | None:
+        _check_text(session_id)
+        row = await self._pool_().fetchrow(
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id = $1 AND seq = $2",
+            session_id,
+            seq,
+        )
+        return None if row is None else _request(row)
+
+    @translated
+    async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
+        _check_text(session_id, client_id)
+        row = await self._pool_().fetchrow(
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id = $1 AND client_id = $2",
+            session_id,
+            client_id,
+        )
+        return None if row is None else _request(row)
+
+    @translated
+    async def seqs_of(self, session_id: str, client_ids: Sequence[str]) -> dict[str, int]:
+        if not client_ids:
+            return {}
+        _check_text(session_id, *client_ids)
+        rows = await self._pool_().fetch(
+            "SELECT client_id, seq FROM requests WHERE session_id = $1 AND client_id = ANY ($2)",
+            session_id,
+            list(client_ids),
+        )
+        return {client_id: seq for client_id, seq in rows}
+
+    @translated
+    async def unfinished(self, session_id: str) -> list[RequestRecord]:
+        _check_text(session_id)
+        rows = await self._pool_().fetch(
+            f"SELECT {REQUEST_COLUMNS} FROM requests"
+            " WHERE session_id = $1 AND state <> 'done' ORDER BY seq",
+            session_id,
+        )
+        return [_request(row) for row in rows]
+
+    @translated
+    async def finals_after(
+        self, session_id: str, after: int, limit: int | None = None
+    ) -> list[tuple[int, str]]:
+        _check_text(session_id)
+        rows = await self._pool_().fetch(
+            "SELECT seq, final FROM requests"
+            " WHERE session_id = $1 AND seq > $2 AND state = 'done' ORDER BY seq LIMIT $3",
+            session_id,
+            after,
+            limit,
+        )
+        return [(seq, final) for seq, final in rows]
+
+    @translated
+    async def count_requests(self, session_id: str, after: int, through: int) -> int:
+        _check_text(session_id)
+        count = await self._pool_().fetchval(
+            "SELECT count(*) FROM requests WHERE session_id = $1 AND seq > $2 AND seq <= $3",
+            session_id,
+            after,
+            through,
+        )
+        return int(count)
+
+    @translated
+    async def session_counts(self, session_id: str) -> SessionCounts:
+        _check_text(session_id)
+        # One statement, so one snapshot even while other processes commit.
+        row = await self._pool_().fetchrow(
+            "SELECT s.last_seq,"
+            " (SELECT count(*) FROM requests r"
+            "  WHERE r.session_id = s.session_id AND r.state <> 'done'),"
+            " (SELECT min(seq) FROM requests r"
+            "  WHERE r.session_id = s.session_id AND r.state <> 'done')"
+            " FROM sessions s WHERE s.session_id = $1",
+            session_id,
+        )
+        if row is None:
+            return SessionCounts(last_seq=0, last_done=0, pending=0)
+        last_seq, pending, first_unfinished = row
+        last_done = last_seq if not pending else first_unfinished - 1
+        return SessionCounts(last_seq=last_seq, last_done=last_done, pending=pending)
+
+    @translated
+    async def failed_requests(self, limit: int = 100) -> list[RequestRecord]:
+        rows = await self._pool_().fetch(
+            f"SELECT {REQUEST_COLUMNS} FROM requests WHERE failed"
+            " ORDER BY finished_at DESC LIMIT $1",
+            limit,
+        )
+        return [_request(row) for row in rows]
+
+    async def purge(self, finished_before: float, sessions_before: float | None = None) -> int:
+        deleted = await self._delete_in_chunks("purge_requests", finished_before)
+        await self._delete_in_chunks(
+            "purge_sessions", finished_before if sessions_before is None else sessions_before
+        )
+        return deleted
+
+    async def _delete_in_chunks(self, op: str, before: float) -> int:
+        total = 0
+        while True:
+            n = int(await self._write([op, before, PURGE_CHUNK]))
+            total += n
+            if n < PURGE_CHUNK:
+                return total
+
+    # -- key-value (per user) ------------------------------------------------
+    async def kv_put(self, username: str, key: str, value: str) -> None:
+        await self._write(["kv_put", username, key, value])
+
+    @translated
+    async def kv_get(self, username: str, key: str) -> str | None:
+        _check_text(username, key)
+        value = await self._pool_().fetchval(
+            "SELECT value FROM kv WHERE username = $1 AND key = $2", username, key
+        )
+        return None if value is None else str(value)
+
+    async def kv_delete(self, username: str, key: str) -> bool:
+        return bool(await self._write(["kv_delete", username, key]))
+
+    @translated
+    async def kv_list(self, username: str, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
+        _check_text(username, prefix)
+        # A key range (the column sorts by code point, COLLATE "C") rather than
+        # LIKE, where % and _ are wildcards.
+        end = _prefix_end(prefix)
+        rows = await self._pool_().fetch(
+            "SELECT key, value FROM kv WHERE username = $1 AND key >= $2"
+            " AND ($3::text IS NULL OR key < $3) ORDER BY key LIMIT $4",
+            username,
+            prefix,
+            end,
+            limit,
+        )
+        return [(key, value) for key, value in rows]
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def _check_text(*values: str) -> None:
+    """Refuse a NUL character up front: asyncpg would send it and fail the call
+    on the server (a read of a value that cannot be stored finds nothing)."""
+    for value in values:
+        if "\x00" in value:
+            raise StoreError("postgresql: text cannot contain the NUL character")
+
+
+def _request(row: Sequence[Any]) -> RequestRecord:
+    session_id, seq, client_id, op, args, state, attempts, failed, final, created, finished = row
+    return RequestRecord(
+        session_id=session_id,
+        seq=seq,
+        client_id=client_id,
+        op=op,
+        args=args,
+        state=RequestState(state),
+        attempts=attempts,
+        failed=failed,
+        final=final,
+        created_at=created,
+        finished_at=finished,
+    )
+
+
+def _prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``
+    (None when there is none, e.g. for the empty prefix)."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if code <= 0x10FFFF:
+            if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be stored: skip them
+                code = 0xE000
+            return "".join(chars) + chr(code)
+    return None
