@@ -453,9 +453,17 @@ async def test_a_mongodb_store_fails_with_store_error_before_it_is_open() -> Non
     await store.close()
 
 
-# -- SQLite only -------------------------------------------------------------------
-async def test_concurrent_writes_share_commits(sqlite_store: SqliteStore) -> None:
-    s = sqlite_store
+# -- group commit: the backends that group writes (SQLite, PostgreSQL) ------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def grouping_store(request: pytest.FixtureRequest) -> SqliteStore | PostgresStore:
+    backend: SqliteStore | PostgresStore = request.getfixturevalue(f"{request.param}_store")
+    return backend
+
+
+async def test_concurrent_writes_share_commits(
+    grouping_store: SqliteStore | PostgresStore,
+) -> None:
+    s = grouping_store
     sid = await new_session(s)
     before = s.commits
     async with asyncio.timeout(50 * UNIT):
@@ -469,8 +477,10 @@ async def test_concurrent_writes_share_commits(sqlite_store: SqliteStore) -> Non
     assert s.commits - before <= 10
 
 
-async def test_one_failing_write_does_not_fail_its_batch(sqlite_store: SqliteStore) -> None:
-    s = sqlite_store
+async def test_one_failing_write_does_not_fail_its_batch(
+    grouping_store: SqliteStore | PostgresStore,
+) -> None:
+    s = grouping_store
     sid = await new_session(s)
     await s.create_user("bob", b"h")
     await s.claim_session(sid, "A", lease_until=FAR, now=0.0)  # epoch 2
@@ -494,6 +504,7 @@ async def test_one_failing_write_does_not_fail_its_batch(sqlite_store: SqliteSto
     assert [r.seq for r in await s.unfinished(sid)] == [2]
 
 
+# -- SQLite only -------------------------------------------------------------------
 async def test_the_store_outlives_its_writer_process(sqlite_store: SqliteStore) -> None:
     # Writes run in a child process (off the server's GIL). If that process
     # dies, the store starts another one: the server keeps serving.

@@ -72,6 +72,9 @@ DEADLOCK_RETRIES = 3
 # again, carefully, on the same connection would only fail again.
 CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
 RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# Errors of what a write sent (a taken key, a value out of range): the batch
+# runs again carefully. Any other error fails the batch.
+SENT_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 
 REQUEST_COLUMNS = (
     "session_id, seq, client_id, op, args, state, attempts, failed, final, created_at, finished_at"
@@ -101,7 +104,8 @@ class PostgresStore(Store):
         self.url = url
         self.pool_size = pool_size
         self.commits = 0  # batches committed (tests check the grouping)
-        self._pool: asyncpg.Pool | None = None
+        self._pool: asyncpg.Pool | None = None  # reads
+        self._writes: asyncpg.Pool | None = None  # the writer's one connection
         self._pending: list[tuple[bytes, asyncio.Future[Any]]] = []
         self._wakeup = asyncio.Event()
         self._writer: asyncio.Task[None] | None = None
@@ -112,20 +116,24 @@ class PostgresStore(Store):
         if self._pool is not None:
             return
         try:
-            pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT
+            writes = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=1, timeout=CONNECT_TIMEOUT
             )
         except (asyncpg.PostgresError, *CONNECTION_ERRORS, TimeoutError, ValueError) as e:
             raise StoreError(f"postgresql: cannot connect: {e}") from e
         try:
-            async with pool.acquire() as connection:
+            async with writes.acquire() as connection:
                 await postgres_schema.migrate(connection)
+            # Reads get a pool of their own: the writer never queues behind them.
+            pool = await asyncpg.create_pool(
+                self.url, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT
+            )
         except BaseException as e:
-            await pool.close()
-            if isinstance(e, asyncpg.PostgresError | OSError | asyncpg.InterfaceError):
-                raise StoreError(f"postgresql: cannot set the schema up: {e}") from e
+            await writes.close()
+            if isinstance(e, (asyncpg.PostgresError, TimeoutError, *CONNECTION_ERRORS)):
+                raise StoreError(f"postgresql: cannot set the store up: {e}") from e
             raise
-        self._pool = pool
+        self._pool, self._writes = pool, writes
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop(), name="postgresql writer")
 
@@ -137,8 +145,10 @@ class PostgresStore(Store):
         if self._writer is not None:
             await self._writer  # drains what is queued
             self._writer = None
-        pool, self._pool = self._pool, None
+        pool, writes, self._pool, self._writes = self._pool, self._writes, None, None
         await pool.close()
+        if writes is not None:
+            await writes.close()
 
     @translated
     async def ping(self) -> None:
@@ -213,7 +223,8 @@ class PostgresStore(Store):
         then carefully if the plain call failed for something sent; raises if
         the call fails."""
         payload = (b"[" + b",".join(ops) + b"]").decode()
-        async with self._pool_().acquire() as connection:
+        assert self._writes is not None  # the writer runs while the store is open
+        async with self._writes.acquire() as connection:
             for attempt in range(DEADLOCK_RETRIES + 1):
                 try:
                     result = await connection.fetchval(
@@ -223,9 +234,7 @@ class PostgresStore(Store):
                 except RETRIED:
                     if attempt == DEADLOCK_RETRIES:
                         raise
-                except asyncpg.PostgresError as e:
-                    if isinstance(e, CONNECTION_ERRORS):
-                        raise
+                except SENT_ERRORS:  # one write's: run each in a block of its own
                     result = await connection.fetchval(
                         "SELECT sessionq_batch($1::jsonb, true)", payload
                     )
