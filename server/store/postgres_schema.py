@@ -187,14 +187,17 @@ BEGIN
         END IF;
         RETURN jsonb_build_object('r', jsonb_build_array(n = 1, started));
     WHEN 'finish_many' THEN  -- sid, epoch, [[seq, final, failed], ...] (seqs unique), now
+        -- seq = ANY (seqs): index lookups by the primary key. A join on seq
+        -- alone made the planner scan every unfinished entry of the session.
+        seqs := ARRAY(SELECT (x->>0)::bigint FROM jsonb_array_elements(o->3) x);
         WITH fence AS (
             SELECT 1 FROM sessions WHERE session_id = sid AND epoch = (o->>2)::bigint FOR SHARE
         ), done AS (
             UPDATE requests r SET state = 'done', final = x->>1, failed = (x->>2)::boolean,
                 finished_at = (o->>4)::float8
             FROM jsonb_array_elements(o->3) x
-            WHERE r.session_id = sid AND r.seq = (x->>0)::bigint AND r.state <> 'done'
-              AND EXISTS (SELECT 1 FROM fence)
+            WHERE r.session_id = sid AND r.seq = ANY (seqs) AND r.seq = (x->>0)::bigint
+              AND r.state <> 'done' AND EXISTS (SELECT 1 FROM fence)
             RETURNING r.seq
         )
         SELECT ARRAY(SELECT seq FROM done), (SELECT count(*) FROM fence) INTO found_seqs, v;
