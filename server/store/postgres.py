@@ -66,6 +66,11 @@ Op = list[Any]  # [name, args...] as sessionq_op takes it
 
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10.0
+# A statement that takes longer (a server that stopped answering, a lock that
+# another process holds) is cancelled and fails with StoreError, as SQLite's
+# busy_timeout makes a locked-out write fail, rather than holding every write
+# behind it forever.
+COMMAND_TIMEOUT = 30.0
 PURGE_CHUNK = 5000  # rows deleted per transaction, as in the SQLite store
 DEADLOCK_RETRIES = 3
 # Errors of the connection rather than of what was sent: running the batch
@@ -117,7 +122,11 @@ class PostgresStore(Store):
             return
         try:
             writes = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=1, timeout=CONNECT_TIMEOUT
+                self.url,
+                min_size=1,
+                max_size=1,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
             )
         except (asyncpg.PostgresError, *CONNECTION_ERRORS, TimeoutError, ValueError) as e:
             raise StoreError(f"postgresql: cannot connect: {e}") from e
@@ -126,7 +135,11 @@ class PostgresStore(Store):
                 await postgres_schema.migrate(connection)
             # Reads get a pool of their own: the writer never queues behind them.
             pool = await asyncpg.create_pool(
-                self.url, min_size=1, max_size=self.pool_size, timeout=CONNECT_TIMEOUT
+                self.url,
+                min_size=1,
+                max_size=self.pool_size,
+                timeout=CONNECT_TIMEOUT,
+                command_timeout=COMMAND_TIMEOUT,
             )
         except BaseException as e:
             await writes.close()
