@@ -50,6 +50,22 @@ async def test_the_schema_is_versioned_and_kept_across_opens(
     assert [row[0] for row in versions] == list(range(1, postgres_schema.VERSION + 1))
 
 
+async def test_processes_starting_together_migrate_once(
+    postgres_url: str, admin: asyncpg.Connection
+) -> None:
+    """``sessionq serve --workers N`` opens N stores on a new database at once."""
+    stores = [PostgresStore(postgres_url) for _ in range(3)]
+    await asyncio.gather(*(s.open() for s in stores))
+    try:
+        await asyncio.gather(*(s.kv_put("alice", f"k{n}", "1") for n, s in enumerate(stores)))
+        assert len(await stores[0].kv_list("alice", "")) == 3
+    finally:
+        for s in stores:
+            await s.close()
+    versions = await admin.fetch("SELECT version FROM sessionq_schema")
+    assert sorted(row[0] for row in versions) == list(range(1, postgres_schema.VERSION + 1))
+
+
 async def test_a_schema_newer_than_the_code_is_refused(
     postgres_url: str, admin: asyncpg.Connection
 ) -> None:
