@@ -178,3 +178,47 @@ async def test_two_stores_on_one_database_both_write_and_fence(postgres_url: str
     finally:
         await a.close()
         await b.close()
+
+
+async def test_a_large_batch_of_adds_and_finishes_keeps_each_outcome(
+    postgresql_store: PostgresStore,
+) -> None:
+    """Batches of many adds and finishes (the load's) run as a few statements
+    for the whole batch; each write still gets its own answer."""
+    s = postgresql_store
+    sids = [f"s{n}" for n in range(40)]
+    for sid in sids:
+        await s.create_session(sid, "alice", "A", lease_until=FAR)
+    assert await s.claim_session("s0", "A", lease_until=FAR, now=0.0) == 2  # s0 at epoch 2
+    before = s.commits
+    added = await asyncio.gather(
+        *(s.add_requests(sid, 1, reqs(1, 2, 3), now=1.0) for sid in sids), return_exceptions=True
+    )
+    assert s.commits - before == 1
+    assert isinstance(added[0], Fenced)
+    assert added[1:] == [None] * 39
+    before = s.commits
+    finished = await asyncio.gather(
+        *(s.finish_requests(sid, 1, [(2, '"two"', False), (9, '"nine"', True)], 2.0)
+          for sid in sids),
+        *(s.add_requests(sid, 1, reqs(4), now=2.0) for sid in sids[1:]),
+        return_exceptions=True,
+    )  # fmt: skip
+    assert s.commits - before == 1
+    assert isinstance(finished[0], Fenced)
+    assert finished[1:40] == [[True, False]] * 39
+    assert finished[40:] == [None] * 39
+    for sid in sids[1:]:
+        assert await s.finals_after(sid, 0) == [(2, '"two"')]
+        assert await s.session_counts(sid) == SessionCounts(last_seq=4, last_done=0, pending=3)
+    assert await s.unfinished("s0") == []
+    # A taken client id fails its own write only, in a batch of that size too.
+    outcomes = await asyncio.gather(
+        s.add_requests("s1", 1, [NewRequest(5, "c1", "echo", "{}")], now=3.0),
+        *(s.add_requests(sid, 1, reqs(5), now=3.0) for sid in sids[2:]),
+        return_exceptions=True,
+    )
+    assert type(outcomes[0]) is StoreError
+    assert outcomes[1:] == [None] * 38
+    assert (await s.session_counts("s1")).last_seq == 4
+    assert (await s.session_counts("s2")).last_seq == 5

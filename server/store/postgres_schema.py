@@ -20,6 +20,12 @@ data raises, failing the call; the caller then runs the batch again with
 ``careful`` true, each operation in a block of its own (a subtransaction) so
 that the failing one is rolled back alone.
 
+The load's batches hold many adds and finishes of different sessions. Such a
+batch (16 operations or more, nothing else in it) runs in ``sessionq_hot`` as a
+few statements for the whole batch, each operation still with its own outcome:
+a third of the database's CPU per request of running each operation alone when
+each carries one request, measured on the 2-core reference machine.
+
 Fencing: every write that carries an epoch reads the session's epoch under a
 row lock in the same statement as the write (``FOR SHARE`` in a CTE, or the
 session row's own UPDATE), so a claim by another process waits for this
@@ -238,13 +244,100 @@ LANGUAGE sql AS $$
     SELECT EXISTS (SELECT 1 FROM sessions WHERE session_id = sid AND epoch = e)
 $$;
 
+-- The hot path's batch: adds and finish_manys only, at most one of each kind
+-- per session (so their order within the batch does not matter): a few
+-- statements for the whole batch rather than two or three per operation.
+--
+-- The statements that join the batch's JSON to a table run through EXECUTE,
+-- planned afresh each time: a plan cached while the tables were small (a new
+-- database) scanned a whole table per batch once they had grown, and the
+-- planner cannot tell how many elements the JSON holds. The SET clauses keep
+-- it from preferring a scan of a whole table to a lookup by key per element.
+CREATE OR REPLACE FUNCTION sessionq_hot(ops jsonb) RETURNS jsonb
+LANGUAGE plpgsql
+SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off
+AS $$
+DECLARE
+    added bigint[];  -- ordinals of the adds that passed their fence
+    fenced_ok bigint[];  -- ordinals of the finish_manys that passed theirs
+    finished jsonb;  -- {ordinal: [seq, ...]}
+BEGIN
+    -- Adds: the session row's update is the fence (and locks it until commit).
+    EXECUTE $q$
+        WITH a AS (
+            SELECT t.i, t.x->>1 AS sid, (t.x->>2)::bigint AS epoch,
+                (SELECT max((r->>0)::bigint) FROM jsonb_array_elements(t.x->3) r) AS top
+            FROM jsonb_array_elements($1) WITH ORDINALITY AS t (x, i)
+            WHERE t.x->>0 = 'add'
+        ), u AS (
+            UPDATE sessions s SET last_seq = greatest(s.last_seq, a.top)
+            FROM a WHERE s.session_id = a.sid AND s.epoch = a.epoch
+            RETURNING a.i
+        )
+        SELECT coalesce(array_agg(i), '{}') FROM u
+    $q$ INTO added USING ops;
+    INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at)
+    SELECT t.x->>1, (r->>0)::bigint, r->>1, r->>2, r->>3, 'queued', (t.x->>4)::float8
+    FROM jsonb_array_elements(ops) WITH ORDINALITY AS t (x, i),
+        jsonb_array_elements(t.x->3) r
+    WHERE t.i = ANY (added);
+    -- Finishes: a share lock on each session row at its epoch is the fence.
+    EXECUTE $q$
+        SELECT ARRAY(
+            SELECT t.i FROM jsonb_array_elements($1) WITH ORDINALITY AS t (x, i)
+            JOIN sessions s ON s.session_id = t.x->>1 AND s.epoch = (t.x->>2)::bigint
+            WHERE t.x->>0 = 'finish_many'
+            FOR SHARE OF s
+        )
+    $q$ INTO fenced_ok USING ops;
+    EXECUTE $q$
+        WITH v AS MATERIALIZED (
+            SELECT t.i, t.x->>1 AS sid, (f->>0)::bigint AS seq, f->>1 AS final,
+                (f->>2)::boolean AS failed, (t.x->>4)::float8 AS at
+            FROM jsonb_array_elements($1) WITH ORDINALITY AS t (x, i),
+                jsonb_array_elements(t.x->3) f
+            WHERE t.i = ANY ($2)
+        ), d AS (
+            UPDATE requests r SET state = 'done', final = v.final, failed = v.failed,
+                finished_at = v.at
+            FROM v WHERE r.session_id = v.sid AND r.seq = v.seq AND r.state <> 'done'
+            RETURNING v.i, r.seq
+        ), g AS (
+            SELECT i, jsonb_agg(seq) AS seqs FROM d GROUP BY i
+        )
+        SELECT coalesce(jsonb_object_agg(i::text, seqs), '{}') FROM g
+    $q$ INTO finished USING ops, fenced_ok;
+    RETURN (
+        SELECT jsonb_agg(
+            CASE
+                WHEN t.x->>0 = 'add' AND t.i = ANY (added) THEN '{"r": null}'::jsonb
+                WHEN t.x->>0 = 'finish_many' AND t.i = ANY (fenced_ok)
+                    THEN jsonb_build_object('r', coalesce(finished->(t.i::text), '[]'))
+                ELSE '{"e": "fenced"}'::jsonb
+            END ORDER BY t.i)
+        FROM jsonb_array_elements(ops) WITH ORDINALITY AS t (x, i)
+    );
+END
+$$;
+
+-- enable_seqscan off: every statement here finds its rows by an index; a plan
+-- cached while a table was nearly empty must not keep scanning it whole.
 CREATE OR REPLACE FUNCTION sessionq_batch(ops jsonb, careful boolean) RETURNS jsonb
-LANGUAGE plpgsql AS $$
+LANGUAGE plpgsql SET enable_seqscan = off AS $$
 DECLARE
     o jsonb;
     outcome jsonb;
     outcomes jsonb[] := '{}';
 BEGIN
+    -- Below 16 operations, planning the hot path's statements costs
+    -- more than running each operation's own.
+    IF NOT careful AND jsonb_array_length(ops) >= 16 AND (
+        SELECT bool_and(x->>0 IN ('add', 'finish_many'))
+            AND count(DISTINCT (x->>0, x->>1)) = count(*)
+        FROM jsonb_array_elements(ops) x
+    ) THEN
+        RETURN sessionq_hot(ops);
+    END IF;
     FOR o IN SELECT x FROM jsonb_array_elements(ops) WITH ORDINALITY AS t (x, i) ORDER BY i
     LOOP
         IF careful THEN
