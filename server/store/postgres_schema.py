@@ -23,8 +23,9 @@ that the failing one is rolled back alone.
 The load's batches hold many adds and finishes of different sessions. Such a
 batch (16 operations or more, nothing else in it) runs in ``sessionq_hot`` as a
 few statements for the whole batch, each operation still with its own outcome:
-a third of the database's CPU per request of running each operation alone when
-each carries one request, measured on the 2-core reference machine.
+about half the database's CPU per request of running each operation alone
+when each carries one request (~75 against ~150 us on the 2-core reference
+machine), a little less at 16 requests each (~30 against ~37 us).
 
 Fencing: every write that carries an epoch reads the session's epoch under a
 row lock in the same statement as the write (``FOR SHARE`` in a CTE, or the
