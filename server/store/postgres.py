@@ -10,7 +10,9 @@ the SQLite store taught, and how it carries over:
   timer, no added latency when one write is in flight. One call is one round
   trip and one commit (it runs outside an explicit transaction), however many
   writes the batch holds: on a busy event loop every round trip costs a turn
-  of the loop, so a round trip per write would bound throughput.
+  of the loop, so a round trip per write would bound throughput. A batch of
+  many adds and finishes (the load's) runs server-side as a few statements for
+  the whole batch rather than a few per write.
 * A batch first runs plainly. If a write in it fails (a taken seq or client
   id), the whole call is rolled back and the batch runs again with each write
   in a subtransaction of its own, so the failing one fails alone. Fenced writes
@@ -215,10 +217,10 @@ class PostgresStore(Store):
             outcomes = await self._run([op for op, _ in batch])
         except Exception as e:  # the call failed: nothing of the batch is stored
             self._failed(len(batch))
-            error = StoreError(f"postgresql: {e}")
-            error.__cause__ = e
             for _, fut in batch:
                 if not fut.done():
+                    error = StoreError(f"postgresql: {e}")
+                    error.__cause__ = e
                     fut.set_exception(error)
             return
         except asyncio.CancelledError:
