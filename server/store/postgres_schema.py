@@ -372,10 +372,13 @@ async def migrate(connection: asyncpg.Connection) -> int:
     """
     async with connection.transaction():
         await connection.execute("SELECT pg_advisory_xact_lock($1)", MIGRATION_LOCK)
-        await connection.execute(
-            "CREATE TABLE IF NOT EXISTS sessionq_schema ("
-            " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now())"
-        )
+        # Looked up first: a role that may only read and write the tables
+        # (no CREATE on the schema) opens a database someone else migrated.
+        if not await connection.fetchval("SELECT to_regclass('sessionq_schema') IS NOT NULL"):
+            await connection.execute(
+                "CREATE TABLE sessionq_schema ("
+                " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now())"
+            )
         found = await connection.fetchval("SELECT max(version) FROM sessionq_schema") or 0
         if found > VERSION:
             raise StoreError(
