@@ -68,6 +68,9 @@ Op = list[Any]  # [name, args...] as sessionq_op takes it
 
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10.0
+# Pools open connections when asked (min_size 0): asyncpg keeps a floor above 0
+# by reconnecting in the background, and logs a traceback for each try while
+# the server is down; a store that is asked fails with StoreError instead.
 # A statement that takes longer (a server that stopped answering, a lock that
 # another process holds) is cancelled and fails with StoreError, as SQLite's
 # busy_timeout makes a locked-out write fail, rather than holding every write
@@ -125,7 +128,7 @@ class PostgresStore(Store):
         try:
             writes = await asyncpg.create_pool(
                 self.url,
-                min_size=1,
+                min_size=0,
                 max_size=1,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
@@ -138,7 +141,7 @@ class PostgresStore(Store):
             # Reads get a pool of their own: the writer never queues behind them.
             pool = await asyncpg.create_pool(
                 self.url,
-                min_size=1,
+                min_size=0,
                 max_size=self.pool_size,
                 timeout=CONNECT_TIMEOUT,
                 command_timeout=COMMAND_TIMEOUT,
