@@ -115,6 +115,7 @@ async def test_the_store_outlives_its_connections(
 ) -> None:
     s = postgresql_store
     await s.create_user("alice", b"h")
+    assert await s.get_user("alice") is not None  # a reader's connection, too
     cut = await admin.fetchval(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity"
         " WHERE datname = current_database() AND pid <> pg_backend_pid()"

@@ -148,7 +148,9 @@ class PostgresStore(Store):
             )
         except BaseException as e:
             await writes.close()
-            if isinstance(e, (asyncpg.PostgresError, TimeoutError, *CONNECTION_ERRORS)):
+            if isinstance(e, (TimeoutError, *CONNECTION_ERRORS)):
+                raise StoreError(f"postgresql: cannot connect: {e}") from e
+            if isinstance(e, asyncpg.PostgresError):
                 raise StoreError(f"postgresql: cannot set the store up: {e}") from e
             raise
         self._pool, self._writes = pool, writes
