@@ -3,26 +3,9 @@
 For the scale-out setup (DESIGN.md): every replica shares one PostgreSQL. What
 the SQLite store taught, and how it carries over:
 
-* Group commit. Every write is queued to one writer task, which takes
-  everything queued, sends it as one call of the server-side function
-  ``sessionq_batch`` (:mod:`.postgres_schema`) and answers each caller. Writes
-  that arrive while that call runs form the next batch, across sessions: no
-  timer, no added latency when one write is in flight. One call is one round
-  trip and one commit (it runs outside an explicit transaction), however many
-  writes the batch holds: on a busy event loop every round trip costs a turn
-  of the loop, so a round trip per write would bound throughput. A batch of
-  many adds and finishes (the load's) runs server-side as a few statements for
-  the whole batch rather than a few per write.
-* A batch first runs plainly. If a write in it fails (a taken seq or client
-  id), the whole call is rolled back and the batch runs again with each write
-  in a subtransaction of its own, so the failing one fails alone. Fenced writes
-  and taken user names never fail the call: they come back as outcomes.
-* Fencing by epoch in the statement that writes (see :mod:`.postgres_schema`).
-* A failure of the call as a whole (the server gone, the connection broken,
-  disk full) fails every write of the batch with StoreError and counts them
-  in ``on_failure``; the next batch takes a fresh connection from the pool, so
-  the store recovers by itself. A deadlock with another process's batch is
-  retried (PostgreSQL aborts one of the two).
+* Group commit, one round trip per batch, a failing write failing alone:
+  :mod:`.postgres_writer`. Fencing by epoch in the statement that writes:
+  :mod:`.postgres_schema`.
 * Leases compare the caller's ``now`` (and the stored ``lease_until``, also
   the caller's clock), not the database's: the interface passes ``now`` and
   the contract tests pass made-up times. Processes sharing one database need
@@ -38,7 +21,6 @@ schema (asyncpg passes unknown URL parameters on as server settings).
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import time
@@ -46,11 +28,9 @@ from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
-import orjson
 
 from . import postgres_schema
 from .base import (
-    Fenced,
     NewRequest,
     RequestRecord,
     RequestState,
@@ -59,32 +39,19 @@ from .base import (
     Store,
     StoreError,
     User,
-    UserExists,
 )
+from .postgres_writer import CONNECTION_ERRORS, Writer
 
 P = ParamSpec("P")
 R = TypeVar("R")
-Op = list[Any]  # [name, args...] as sessionq_op takes it
-
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10.0
-# Pools open connections when asked (min_size 0): asyncpg keeps a floor above 0
-# by reconnecting in the background, and logs a traceback for each try while
-# the server is down; a store that is asked fails with StoreError instead.
 # A statement that takes longer (a server that stopped answering, a lock that
 # another process holds) is cancelled and fails with StoreError, as SQLite's
 # busy_timeout makes a locked-out write fail, rather than holding every write
 # behind it forever.
 COMMAND_TIMEOUT = 30.0
 PURGE_CHUNK = 5000  # rows deleted per transaction, as in the SQLite store
-DEADLOCK_RETRIES = 3
-# Errors of the connection rather than of what was sent: running the batch
-# again, carefully, on the same connection would only fail again.
-CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
-RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
-# Errors of what a write sent (a taken key, a value out of range): the batch
-# runs again carefully. Any other error fails the batch.
-SENT_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 
 REQUEST_COLUMNS = (
     "session_id, seq, client_id, op, args, state, attempts, failed, final, created_at, finished_at"
@@ -113,18 +80,16 @@ class PostgresStore(Store):
     def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:
         self.url = url
         self.pool_size = pool_size
-        self.commits = 0  # batches committed (tests check the grouping)
         self._pool: asyncpg.Pool | None = None  # reads
-        self._writes: asyncpg.Pool | None = None  # the writer's one connection
-        self._pending: list[tuple[bytes, asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
-        self._writer: asyncio.Task[None] | None = None
-        self._closing = False
+        self._writer: Writer | None = None
 
     # -- lifecycle -----------------------------------------------------------
     async def open(self) -> None:
         if self._pool is not None:
             return
+        # Pools open connections when asked (min_size 0): asyncpg keeps a floor
+        # above 0 by reconnecting in the background, logging a traceback for
+        # each try while the server is down; a store asked then fails instead.
         try:
             writes = await asyncpg.create_pool(
                 self.url,
@@ -153,22 +118,19 @@ class PostgresStore(Store):
             if isinstance(e, asyncpg.PostgresError):
                 raise StoreError(f"postgresql: cannot set the store up: {e}") from e
             raise
-        self._pool, self._writes = pool, writes
-        self._closing = False
-        self._writer = asyncio.create_task(self._write_loop(), name="postgresql writer")
+        self._pool, self._writer = pool, Writer(writes, self._failed)
 
     async def close(self) -> None:
-        if self._pool is None:
+        if self._pool is None or self._writer is None:
             return
-        self._closing = True
-        self._wakeup.set()
-        if self._writer is not None:
-            await self._writer  # drains what is queued
-            self._writer = None
-        pool, writes, self._pool, self._writes = self._pool, self._writes, None, None
+        writer, pool, self._writer, self._pool = self._writer, self._pool, None, None
+        await writer.close()  # drains what is queued
         await pool.close()
-        if writes is not None:
-            await writes.close()
+
+    @property
+    def commits(self) -> int:
+        """Batches the writer committed (tests check the grouping)."""
+        return 0 if self._writer is None else self._writer.commits
 
     @translated
     async def ping(self) -> None:
@@ -179,88 +141,10 @@ class PostgresStore(Store):
             raise StoreError("the store is not open")
         return self._pool
 
-    # -- the writer ----------------------------------------------------------
-    async def _write(self, op: Op) -> Any:
-        """Queue ``op`` for the next batch; return its result once committed,
-        or raise what its outcome says (Fenced, UserExists, StoreError)."""
-        if self._writer is None or self._closing:
+    async def _write(self, op: list[Any]) -> Any:
+        if self._writer is None:
             raise StoreError("the store is not open")
-        if _has_nul(op):  # a value PostgreSQL cannot take fails here, alone
-            raise StoreError("postgresql: text cannot contain the NUL character")
-        try:
-            encoded = orjson.dumps(op)
-        except TypeError as e:  # a lone surrogate
-            raise StoreError(f"postgresql: cannot store {e}") from e
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((encoded, future))
-        self._wakeup.set()
-        outcome = await future
-        if "e" not in outcome:
-            return outcome["r"]
-        kind = outcome["e"]
-        if kind == "fenced":
-            raise Fenced(f"session {op[1]}: epoch is not current")
-        if kind == "user_exists":
-            raise UserExists(op[1])
-        raise StoreError(f"postgresql: {outcome.get('m', kind)}")
-
-    async def _write_loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch, self._pending = self._pending, []
-            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
-            if batch:
-                await self._commit(batch)
-
-    async def _commit(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
-        try:
-            outcomes = await self._run([op for op, _ in batch])
-        except Exception as e:  # the call failed: nothing of the batch is stored
-            self._failed(len(batch))
-            for _, fut in batch:
-                if not fut.done():
-                    error = StoreError(f"postgresql: {e}")
-                    error.__cause__ = e
-                    fut.set_exception(error)
-            return
-        except asyncio.CancelledError:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(StoreError("the store's writer was cancelled"))
-            raise
-        self.commits += 1
-        for (_, fut), outcome in zip(batch, outcomes, strict=True):
-            if not fut.done():
-                fut.set_result(outcome)
-
-    async def _run(self, ops: list[bytes]) -> list[dict[str, Any]]:
-        """One call of sessionq_batch for ``ops`` (each a JSON array): plainly,
-        then carefully if the plain call failed for something sent; raises if
-        the call fails."""
-        payload = (b"[" + b",".join(ops) + b"]").decode()
-        assert self._writes is not None  # the writer runs while the store is open
-        async with self._writes.acquire() as connection:
-            for attempt in range(DEADLOCK_RETRIES + 1):
-                try:
-                    result = await connection.fetchval(
-                        "SELECT sessionq_batch($1::jsonb, false)", payload
-                    )
-                    break
-                except RETRIED:
-                    if attempt == DEADLOCK_RETRIES:
-                        raise
-                except SENT_ERRORS:  # one write's: run each in a block of its own
-                    result = await connection.fetchval(
-                        "SELECT sessionq_batch($1::jsonb, true)", payload
-                    )
-                    break
-        outcomes: list[dict[str, Any]] = orjson.loads(result)
-        return outcomes
+        return await self._writer.write(op)
 
     # -- users ---------------------------------------------------------------
     async def create_user(self, username: str, password_hash: bytes) -> User:
@@ -512,14 +396,6 @@ class PostgresStore(Store):
             limit,
         )
         return [(key, value) for key, value in rows]
-
-
-def _has_nul(value: Any) -> bool:
-    if isinstance(value, str):
-        return "\x00" in value
-    if isinstance(value, list):
-        return any(_has_nul(v) for v in value)
-    return False
 
 
 def _check_text(*values: str) -> None:
