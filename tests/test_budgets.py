@@ -1,7 +1,7 @@
 """Per-user budgets across processes (PROTOCOL.md 1.1, "Budgets across a
 user's connections"): two ``sessionq serve`` processes on one store (a SQLite
-file, or a MongoDB database through the wire emulator) share one count of a
-user's sessions, connections and unfinished requests.
+file, a PostgreSQL schema, or a MongoDB database through the wire emulator)
+share one count of a user's sessions, connections and unfinished requests.
 
 Requests that must stay unfinished run ``test.gate``, which ends when the
 test creates its file: every wait below is on an event, never on a timer.
@@ -28,6 +28,7 @@ Start = Callable[..., Awaitable[ServerProcess]]
 
 STORES = [
     pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql"),
     pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
 ]
 
@@ -36,6 +37,8 @@ STORES = [
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/shared.db"
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
     return str(request.getfixturevalue(f"{request.param}_store_url"))
 
 

@@ -806,3 +806,38 @@ async def test_a_mongodb_store_from_before_budgets_derives_them_once(
             await store.kv_put("alice", "k", '"v"')
         finally:
             await store.close()
+
+
+async def test_a_postgresql_store_from_before_budgets_derives_them_once(postgres_url: str) -> None:
+    import asyncpg
+
+    from server.store import postgres_schema
+
+    connection = await asyncpg.connect(postgres_url, timeout=10)
+    try:  # the schema at version 1, with what an earlier version wrote
+        await connection.execute(
+            "CREATE TABLE sessionq_schema ("
+            " version integer NOT NULL, migrated_at timestamptz NOT NULL DEFAULT now())"
+        )
+        await connection.execute(postgres_schema.MIGRATIONS[0])
+        await connection.execute("INSERT INTO sessionq_schema (version) VALUES (1)")
+        await connection.execute(
+            "INSERT INTO sessions VALUES ('s1', 'alice', 0, 3, 'A', 1, $1)", FAR
+        )
+        await connection.executemany(
+            "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at)"
+            " VALUES ('s1', $1, $2, 'echo', '{}', $3, 0)",
+            [(1, "c1", "done"), (2, "c2", "running"), (3, "c3", "queued")],
+        )
+        await connection.execute("INSERT INTO kv VALUES ('alice', 'k', '\"v\"')")
+    finally:
+        await connection.close()
+    for _ in range(2):  # the second opening derives nothing again
+        store = PostgresStore(postgres_url)
+        await store.open()
+        try:
+            assert await store.usage("alice") == UserUsage(1, 0, 2, 4)
+            with pytest.raises(BudgetExceeded):
+                await store.add_requests("s1", 1, reqs(4), now=1.0, max_pending=2)
+        finally:
+            await store.close()

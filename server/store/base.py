@@ -122,6 +122,15 @@ class RequestRecord:
     created_at: float
     finished_at: float | None
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> RequestRecord:
+        """From a row of the SQL stores' columns, in the fields' order."""
+        session_id, seq, client_id, op, args, state, attempts, failed, final, created, done = row
+        return cls(
+            session_id, seq, client_id, op, args, RequestState(state), attempts, bool(failed),
+            final, created, done,
+        )  # fmt: skip
+
 
 @dataclass(frozen=True, slots=True)
 class SessionCounts:
@@ -143,6 +152,19 @@ class UserUsage:
 def kv_size(key: str, value: str) -> int:
     """What one key-value entry counts against ``kv_bytes``."""
     return len(key.encode("utf-8", "surrogatepass")) + len(value.encode("utf-8", "surrogatepass"))
+
+
+def prefix_end(prefix: str) -> str | None:
+    """The least string above every string that starts with ``prefix``
+    (None when there is none, e.g. for the empty prefix)."""
+    chars = list(prefix)
+    while chars:
+        code = ord(chars.pop()) + 1
+        if code <= 0x10FFFF:
+            if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be stored: skip them
+                code = 0xE000
+            return "".join(chars) + chr(code)
+    return None
 
 
 def _timed(

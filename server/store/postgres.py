@@ -12,6 +12,8 @@ the SQLite store taught, and how it carries over:
   clocks that agree to within a fraction of the lease (NTP does that).
 * Reads go to the pool, one statement each; READ COMMITTED shows them only
   committed data.
+* Per-user budgets are checked in the transaction of the write they guard:
+  :mod:`.postgres_budgets`.
 
 PostgreSQL's text cannot hold the NUL character, which SQLite and MongoDB
 store: a write or read with one fails alone with StoreError (a write without
@@ -29,16 +31,18 @@ from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
-from . import postgres_schema
+from . import postgres_budgets, postgres_schema
 from .base import (
     NewRequest,
     RequestRecord,
-    RequestState,
     SessionCounts,
     SessionRecord,
     Store,
     StoreError,
     User,
+    UserUsage,
+    kv_size,
+    prefix_end,
 )
 from .postgres_writer import CONNECTION_ERRORS, Writer
 
@@ -164,13 +168,35 @@ class PostgresStore(Store):
 
     # -- sessions and ownership ----------------------------------------------
     async def create_session(
-        self, session_id: str, username: str, owner: str, lease_until: float
+        self,
+        session_id: str,
+        username: str,
+        owner: str,
+        lease_until: float,
+        *,
+        max_sessions: int | None = None,
+        max_connections: int | None = None,
+        now: float | None = None,
     ) -> SessionRecord:
         record = SessionRecord(session_id, username, time.time(), 0, owner, 1, lease_until)
+        at = record.created_at if now is None else now
         await self._write(
-            ["create_session", session_id, username, record.created_at, owner, lease_until]
-        )
+            ["create_session", session_id, username, record.created_at, owner, lease_until,
+             max_sessions, max_connections, at]
+        )  # fmt: skip
         return record
+
+    async def set_carried(self, session_id: str, epoch: int, carried: bool) -> bool:
+        return bool(await self._write(["set_carried", session_id, epoch, carried]))
+
+    @translated
+    async def usage(self, username: str, now: float | None = None) -> UserUsage:
+        _check_text(username)
+        at = time.time() if now is None else now
+        sessions, carried, pending, kv_bytes = await self._pool_().fetchrow(
+            postgres_budgets.USAGE, username, at
+        )
+        return UserUsage(sessions, carried, pending, kv_bytes)
 
     @translated
     async def get_session(self, session_id: str) -> SessionRecord | None:
@@ -210,12 +236,18 @@ class PostgresStore(Store):
 
     # -- requests ------------------------------------------------------------
     async def add_requests(
-        self, session_id: str, epoch: int, requests: Sequence[NewRequest], now: float
+        self,
+        session_id: str,
+        epoch: int,
+        requests: Sequence[NewRequest],
+        now: float,
+        *,
+        max_pending: int | None = None,
     ) -> None:
         if not requests:
             return
         rows = [[r.seq, r.client_id, r.op, r.args] for r in requests]
-        await self._write(["add", session_id, epoch, rows, now])
+        await self._write(["add", session_id, epoch, rows, now, max_pending])
 
     async def remove_requests(self, session_id: str, epoch: int, seqs: Sequence[int]) -> None:
         if seqs:
@@ -264,7 +296,7 @@ class PostgresStore(Store):
             session_id,
             seq,
         )
-        return None if row is None else _request(row)
+        return None if row is None else RequestRecord.from_row(row)
 
     @translated
     async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
@@ -274,7 +306,7 @@ class PostgresStore(Store):
             session_id,
             client_id,
         )
-        return None if row is None else _request(row)
+        return None if row is None else RequestRecord.from_row(row)
 
     @translated
     async def seqs_of(self, session_id: str, client_ids: Sequence[str]) -> dict[str, int]:
@@ -296,7 +328,7 @@ class PostgresStore(Store):
             " WHERE session_id = $1 AND state <> 'done' ORDER BY seq",
             session_id,
         )
-        return [_request(row) for row in rows]
+        return [RequestRecord.from_row(row) for row in rows]
 
     @translated
     async def finals_after(
@@ -349,7 +381,7 @@ class PostgresStore(Store):
             " ORDER BY finished_at DESC LIMIT $1",
             limit,
         )
-        return [_request(row) for row in rows]
+        return [RequestRecord.from_row(row) for row in rows]
 
     async def purge(self, finished_before: float, sessions_before: float | None = None) -> int:
         deleted = await self._delete_in_chunks("purge_requests", finished_before)
@@ -367,8 +399,10 @@ class PostgresStore(Store):
                 return total
 
     # -- key-value (per user) ------------------------------------------------
-    async def kv_put(self, username: str, key: str, value: str) -> None:
-        await self._write(["kv_put", username, key, value])
+    async def kv_put(
+        self, username: str, key: str, value: str, *, max_bytes: int | None = None
+    ) -> None:
+        await self._write(["kv_put", username, key, value, kv_size(key, value), max_bytes])
 
     @translated
     async def kv_get(self, username: str, key: str) -> str | None:
@@ -382,18 +416,22 @@ class PostgresStore(Store):
         return bool(await self._write(["kv_delete", username, key]))
 
     @translated
-    async def kv_list(self, username: str, prefix: str, limit: int = 1000) -> list[tuple[str, str]]:
-        _check_text(username, prefix)
+    async def kv_list(
+        self, username: str, prefix: str, limit: int = 1000, after: str | None = None
+    ) -> list[tuple[str, str]]:
+        _check_text(username, prefix, *(() if after is None else (after,)))
         # A key range (the column sorts by code point, COLLATE "C") rather than
         # LIKE, where % and _ are wildcards.
-        end = _prefix_end(prefix)
+        end = prefix_end(prefix)
         rows = await self._pool_().fetch(
             "SELECT key, value FROM kv WHERE username = $1 AND key >= $2"
-            " AND ($3::text IS NULL OR key < $3) ORDER BY key LIMIT $4",
+            " AND ($3::text IS NULL OR key < $3) AND ($5::text IS NULL OR key > $5)"
+            " ORDER BY key LIMIT $4",
             username,
             prefix,
             end,
             limit,
+            after,
         )
         return [(key, value) for key, value in rows]
 
@@ -404,33 +442,3 @@ def _check_text(*values: str) -> None:
     for value in values:
         if "\x00" in value:
             raise StoreError("postgresql: text cannot contain the NUL character")
-
-
-def _request(row: Sequence[Any]) -> RequestRecord:
-    session_id, seq, client_id, op, args, state, attempts, failed, final, created, finished = row
-    return RequestRecord(
-        session_id=session_id,
-        seq=seq,
-        client_id=client_id,
-        op=op,
-        args=args,
-        state=RequestState(state),
-        attempts=attempts,
-        failed=failed,
-        final=final,
-        created_at=created,
-        finished_at=finished,
-    )
-
-
-def _prefix_end(prefix: str) -> str | None:
-    """The least string above every string that starts with ``prefix``
-    (None when there is none, e.g. for the empty prefix)."""
-    chars = list(prefix)
-    while chars:
-        code = ord(chars.pop()) + 1
-        if code <= 0x10FFFF:
-            if 0xD800 <= code <= 0xDFFF:  # surrogates cannot be stored: skip them
-                code = 0xE000
-            return "".join(chars) + chr(code)
-    return None

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncpg
 
+from . import postgres_budgets
 from .base import StoreError
 
 # A constant key for pg_advisory_xact_lock: migrations of one database take turns.
@@ -361,7 +362,10 @@ $$;
 """
 
 #: Migration n (1-based) brings the schema from version n - 1 to n.
-MIGRATIONS: tuple[str, ...] = (TABLES + OPERATION,)
+MIGRATIONS: tuple[str, ...] = (
+    TABLES + OPERATION,
+    postgres_budgets.MIGRATION + postgres_budgets.WRAPPERS,  # per-user budgets
+)
 VERSION = len(MIGRATIONS)
 
 

@@ -33,7 +33,7 @@ from typing import Any
 import asyncpg
 import orjson
 
-from .base import Fenced, StoreError, UserExists
+from .base import BudgetExceeded, Fenced, StoreError, UserExists
 
 DEADLOCK_RETRIES = 3
 # Errors of the connection rather than of what was sent: running the batch
@@ -68,7 +68,8 @@ class Writer:
 
     async def write(self, op: list[Any]) -> Any:
         """Queue ``op`` for the next batch; return its result once committed,
-        or raise what its outcome says (Fenced, UserExists, StoreError)."""
+        or raise what its outcome says (Fenced, UserExists, BudgetExceeded,
+        StoreError)."""
         if self._closing:
             raise StoreError("the store is not open")
         if _has_nul(op):  # a value PostgreSQL cannot take fails here, alone
@@ -88,6 +89,8 @@ class Writer:
             raise Fenced(f"session {op[1]}: epoch is not current")
         if kind == "user_exists":
             raise UserExists(op[1])
+        if kind == "budget":
+            raise BudgetExceeded(outcome["b"], int(outcome["l"]))
         raise StoreError(f"postgresql: {outcome.get('m', kind)}")
 
     async def _loop(self) -> None:

@@ -29,7 +29,6 @@ from typing import Any, TypeVar, cast
 
 import aiosqlite
 
-from . import sqlite_reads as reads
 from . import sqlite_writes as writes
 from .base import (
     NewRequest,
@@ -41,6 +40,7 @@ from .base import (
     User,
     UserUsage,
     kv_size,
+    prefix_end,
 )
 from .sqlite_schema import REQUEST_COLUMNS, SESSION_COLUMNS, setup
 from .sqlite_writer import GroupCommit, WriterProcess
@@ -167,7 +167,7 @@ class SqliteStore(Store):
 
     async def usage(self, username: str, now: float | None = None) -> UserUsage:
         at = time.time() if now is None else now
-        return await self._read(lambda c: reads.usage(c, username, at))
+        return await self._read(lambda c: writes.usage(c, username, at))
 
     async def get_session(self, session_id: str) -> SessionRecord | None:
         row = await self._read(
@@ -277,7 +277,7 @@ class SqliteStore(Store):
                 (session_id, seq),
             )
         )
-        return None if row is None else reads.request(row)
+        return None if row is None else RequestRecord.from_row(row)
 
     async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
         row = await self._read(
@@ -287,7 +287,7 @@ class SqliteStore(Store):
                 (session_id, client_id),
             )
         )
-        return None if row is None else reads.request(row)
+        return None if row is None else RequestRecord.from_row(row)
 
     async def seqs_of(self, session_id: str, client_ids: Sequence[str]) -> dict[str, int]:
         if not client_ids:
@@ -309,7 +309,7 @@ class SqliteStore(Store):
                 (session_id,),
             ).fetchall()
         )
-        return [reads.request(row) for row in rows]
+        return [RequestRecord.from_row(row) for row in rows]
 
     async def finals_after(
         self, session_id: str, after: int, limit: int | None = None
@@ -361,7 +361,7 @@ class SqliteStore(Store):
                 (limit,),
             ).fetchall()
         )
-        return [reads.request(row) for row in rows]
+        return [RequestRecord.from_row(row) for row in rows]
 
     async def purge(self, finished_before: float, sessions_before: float | None = None) -> int:
         deleted = await self._delete_in_chunks(
@@ -407,7 +407,7 @@ class SqliteStore(Store):
     ) -> list[tuple[str, str]]:
         # A key range rather than LIKE: LIKE ignores ASCII case and treats % and _
         # as wildcards. Keys compare by code point (BINARY collation on UTF-8).
-        end = reads.prefix_end(prefix)
+        end = prefix_end(prefix)
         sql = "SELECT key, value FROM kv WHERE username = ? AND key >= ?"
         params: tuple[Any, ...] = (username, prefix)
         if after is not None:

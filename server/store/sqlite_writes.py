@@ -1,8 +1,8 @@
 """The SQLite store's writes: the batch runner and the module-level write
 functions it runs. They run in the writer process (:mod:`.sqlite_writer`);
 the store (:mod:`.sqlite`) names them in the batches it sends, where they are
-pickled by reference with their args. Only :func:`one` also serves the
-store's reads.
+pickled by reference with their args. Only :func:`one` and :func:`usage`
+(with :func:`usage_sessions`) also serve the store's reads.
 
 * A batch first runs as one plain transaction. If a write in it fails
   (UserExists, Fenced, a taken client id), the batch is rolled back and run
@@ -24,7 +24,7 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import Budget, BudgetExceeded, Fenced, SessionRecord, StoreError, UserExists
+from .base import Budget, BudgetExceeded, Fenced, SessionRecord, StoreError, UserExists, UserUsage
 from .sqlite_schema import SESSION_COLUMNS
 
 # One write of a batch: a function of this module and its args; it is called
@@ -163,6 +163,14 @@ def usage_sessions(c: sqlite3.Connection, username: str, now: float) -> tuple[in
         (username, now),
     )
     return int(row[0]), int(row[1])
+
+
+def usage(c: sqlite3.Connection, username: str, now: float) -> UserUsage:
+    """What ``username`` uses of each budget (a read)."""
+    sessions, carried = usage_sessions(c, username, now)
+    row = one(c, "SELECT pending, kv_bytes FROM user_budgets WHERE username = ?", (username,))
+    pending, kv_bytes = (0, 0) if row is None else row
+    return UserUsage(sessions, carried, int(pending), int(kv_bytes))
 
 
 def _pending_changed(c: sqlite3.Connection, session_id: str, delta: int) -> None:
