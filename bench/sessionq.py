@@ -107,25 +107,75 @@ def server_env(tmp: str) -> dict[str, str]:
     }
 
 
+# The PostgreSQL rows: a role that may create databases (scripts/sessionq makes
+# sessionq/sessionq on a local cluster); each run gets a fresh database.
+POSTGRES_ADMIN_URL = os.environ.get(
+    "SESSIONQ_BENCH_POSTGRES_URL", "postgresql://sessionq:sessionq@127.0.0.1:5432/postgres"
+)
+
+
+@contextlib.contextmanager
+def postgres_database() -> Iterator[str]:
+    """A fresh PostgreSQL database for one run (dropped after it); its URL."""
+    import asyncpg  # the PostgreSQL rows only
+
+    name = f"sessionq_bench_{os.getpid()}_{int(time.time() * 1000)}"
+
+    async def admin(statement: str) -> None:
+        connection = await asyncpg.connect(POSTGRES_ADMIN_URL, timeout=10)
+        try:
+            await connection.execute(statement)
+        finally:
+            await connection.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    try:
+        head, _, _ = POSTGRES_ADMIN_URL.rpartition("/")
+        yield f"{head}/{name}"
+    finally:
+        asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+def postgres_pids() -> list[int]:
+    """Every PostgreSQL server process (postmaster and backends), from /proc."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/comm", "rb") as f:
+                    if f.read().strip() == b"postgres":
+                        pids.append(int(entry))
+            except OSError:
+                continue
+    return pids
+
+
 @contextlib.contextmanager
 def sessionq_server(
-    ctx: Context, *, workers: int = 1, nofile: int | None = None
+    ctx: Context, *, workers: int = 1, nofile: int | None = None, store: str = "sqlite"
 ) -> Iterator[Server]:
-    """A fresh ``sessionq serve`` on a fresh SQLite file; yields once every worker
-    has printed its ``sessionq listening`` line (broker connected)."""
+    """A fresh ``sessionq serve`` on a fresh SQLite file (or, ``store`` postgresql,
+    a fresh PostgreSQL database); yields once every worker has printed its
+    ``sessionq listening`` line (broker connected)."""
     from bench.run import free_port
 
     port = free_port()
     with (
         tempfile.TemporaryDirectory(prefix="sessionq-bench-") as tmp,
-        ctx.server(
-            server_argv(port, workers),
-            port=port,
-            env=server_env(tmp),
-            name=f"sessionq-w{workers}",
-            nofile=nofile,
-        ) as srv,
+        contextlib.ExitStack() as stack,
     ):
+        env = server_env(tmp)
+        if store == "postgresql":
+            env["SESSIONQ_STORE_URL"] = stack.enter_context(postgres_database())
+        srv = stack.enter_context(
+            ctx.server(
+                server_argv(port, workers),
+                port=port,
+                env=env,
+                name=f"sessionq-w{workers}",
+                nofile=nofile,
+            )
+        )
         deadline = time.monotonic() + 30.0
         while srv.log.read_text(errors="replace").count("sessionq listening") < workers:
             if srv.proc.poll() is not None or time.monotonic() > deadline:
@@ -306,13 +356,18 @@ async def measure(
     return result, report
 
 
-def run_row(ctx: Context, sc: Scenario, *, workers: int = 1) -> LoadResult:
-    """A closed-loop row: fresh server, ``sc.connections`` x ``sc.window``."""
-    with sessionq_server(ctx, workers=workers) as srv:
+def run_row(ctx: Context, sc: Scenario, *, workers: int = 1, store: str = "sqlite") -> LoadResult:
+    """A closed-loop row: fresh server, ``sc.connections`` x ``sc.window``. On
+    PostgreSQL the database server's processes are metered as ``database``
+    (SQLite's writer process is the server's child: part of ``server``)."""
+    with sessionq_server(ctx, workers=workers, store=store) as srv:
+        pids: dict[str, Any] = dict(ctx.cpu_pids(srv))
+        if store == "postgresql":
+            pids["database"] = postgres_pids()
         result, _ = asyncio.run(
             measure(
                 ws_url(srv),
-                ctx.cpu_pids(srv),
+                pids,
                 connections=sc.connections,
                 window=sc.window,
                 warmup=ctx.options.warmup,
@@ -320,7 +375,8 @@ def run_row(ctx: Context, sc: Scenario, *, workers: int = 1) -> LoadResult:
             )
         )
     result.extra["workers"] = workers
-    if sc.connections == 1000 and workers == 1 and not result.errors:
+    result.extra["store"] = store
+    if sc.connections == 1000 and store == "sqlite" and workers == 1 and not result.errors:
         _MAX_RATE_AT_1000.setdefault(sc.key, []).append(result.rate)
     return result
 
@@ -391,6 +447,17 @@ def scenarios(quick: bool) -> list[Scenario]:
             functools.partial(run_row, workers=2),
         )
     )
+    for c, w in [(100, 1), (100, 16)]:
+        out.append(
+            Scenario(
+                f"sessionq-pg:{c}x{w}",
+                GROUP,
+                "full path, PostgreSQL store",
+                c,
+                w,
+                functools.partial(run_row, store="postgresql"),
+            )
+        )
     out.append(
         Scenario(
             "sessionq-open:1000",
@@ -418,8 +485,9 @@ def scenarios(quick: bool) -> list[Scenario]:
 SQ_HEAD = (
     "| row | sessions | window | workers | req/s | submit→result p50 ms | p99 ms "
     "| accepted→result p50 ms | p99 ms | server CPU µs/req | broker CPU µs/req "
-    "| client CPU µs/req | other cores |\n"
-    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"
+    "| client CPU µs/req | database CPU µs/req | other cores |\n"
+    "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+    "| ---: |"
 )
 
 
@@ -438,7 +506,7 @@ def table(rows: Sequence[Row]) -> str:
         if not row.runs:
             lines.append(
                 f"| {sc.label} | {sc.connections:,} | {sc.window or 'open'} | {workers} "
-                f"| {row.error if row.skipped else 'failed: ' + row.error} | | | | | | | | |"
+                f"| {row.error if row.skipped else 'failed: ' + row.error} | | | | | | | | | |"
             )
             continue
         window = str(sc.window)
@@ -457,6 +525,7 @@ def table(rows: Sequence[Row]) -> str:
             _ms(row.median(lambda r: _x(r, "accepted_p50_ms"))),
             _ms(row.median(lambda r: _x(r, "accepted_p99_ms"))),
             *(_num(row.median_cpu(name), ".0f") for name in ("server", "broker", "client")),
+            _num(row.median_cpu("database"), ".0f") if "PostgreSQL" in sc.label else "-",
             _num(row.median(lambda r: r.other_cores), ".2f"),
         ]
         lines.append("| " + " | ".join(cells) + " |")
@@ -481,7 +550,11 @@ def intro(opts: Any) -> str:
         "measured at 1,000 sessions earlier in the same run: the first half of the best "
         'of window 1 and window 16 (the target\'s reading of "the measured maximum"), '
         "the second half of the window-1 figure (arrivals at a few per second per session "
-        "give the server little to coalesce within a session, as at window 1)."
+        "give the server little to coalesce within a session, as at window 1). "
+        "The PostgreSQL rows are the same path with `SESSIONQ_STORE_URL` on a fresh "
+        "database of the local PostgreSQL for every run; database CPU is every "
+        "`postgres` process (SQLite's writer process is the server's child, so on "
+        "the other rows the store's CPU is part of the server column)."
     )
 
 
@@ -865,6 +938,15 @@ def targets(rows: Sequence[Row]) -> str:
         else "not measured",
         full >= peer if full is not None and peer else None,
     )
+    for w in (1, 16):
+        pg, lite = rate(f"sessionq-pg:100x{w}"), rate(f"sessionq:100x{w}")
+        add(
+            f"100 sessions x {w}: PostgreSQL store ≥ 0.8x the SQLite store",
+            f"{pg:,.0f} / {lite:,.0f} req/s = {pg / lite:.2f}x"
+            if pg is not None and lite
+            else "not measured",
+            pg / lite >= 0.8 if pg is not None and lite else None,
+        )
     row = by_key.get("sessionq-open:1000")
     if row and row.runs:
         p99 = row.median(lambda r: r.p99_ms)

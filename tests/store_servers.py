@@ -35,6 +35,41 @@ POSTGRES_URL = os.environ.get(
 )
 STORES = ("sqlite", "postgresql")
 TEST_STORE = os.environ.get("SESSIONQ_TEST_STORE", "sqlite")
+# The store matrix: these modules' tests run once on each of SESSIONQ_TEST_STORES
+# (default: every store), except those marked sqlite_only (they drive SQLite's
+# writer process or read its file). Other modules use SESSIONQ_TEST_STORE.
+MATRIX_MODULES = frozenset(
+    {"test_server", "test_durability", "test_faults", "test_limits", "test_max_pending"}
+)
+MATRIX_STORES = tuple(
+    name.strip()
+    for name in os.environ.get("SESSIONQ_TEST_STORES", ",".join(STORES)).split(",")
+    if name.strip()
+)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "sqlite_only: drives SQLite's writer process or file; not in the store matrix"
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "store_url" not in metafunc.fixturenames:
+        return
+    if metafunc.module.__name__.rpartition(".")[2] not in MATRIX_MODULES:
+        return
+    if metafunc.definition.get_closest_marker("sqlite_only"):
+        kinds = ["sqlite"]
+    else:
+        kinds = list(MATRIX_STORES)
+    metafunc.parametrize("store_kind", kinds)
+
+
+@pytest.fixture
+def store_kind() -> str:
+    """The store a server test runs on (the matrix parametrizes it)."""
+    return TEST_STORE
 
 
 def _run(coroutine: Coroutine[Any, Any, T]) -> T:
@@ -116,10 +151,10 @@ async def postgresql_store(postgres_url: str) -> AsyncIterator[PostgresStore]:
 
 
 @pytest.fixture
-def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    """The store URL of the server tests, on SESSIONQ_TEST_STORE's store."""
-    if TEST_STORE not in STORES:
-        pytest.fail(f"SESSIONQ_TEST_STORE={TEST_STORE!r}: use one of {', '.join(STORES)}")
-    if TEST_STORE == "postgresql":
+def store_url(request: pytest.FixtureRequest, tmp_path: Path, store_kind: str) -> str:
+    """The store URL of the server tests: the matrix's store, else SESSIONQ_TEST_STORE's."""
+    if store_kind not in STORES:
+        pytest.fail(f"store {store_kind!r}: use one of {', '.join(STORES)}")
+    if store_kind == "postgresql":
         return str(request.getfixturevalue("postgres_url"))
     return f"sqlite:///{tmp_path}/sq.db"

@@ -70,3 +70,18 @@ def test_the_replicas_trust_the_proxy_and_prometheus_scrapes_their_metrics_port(
 def test_the_image_runs_in_production() -> None:
     dockerfile = (COMPOSE / "Dockerfile").read_text()
     assert re.search(r"^\s*SESSIONQ_ENV=production", dockerfile, re.M)
+
+
+def test_the_postgresql_override_swaps_the_store() -> None:
+    base = compose()
+    override: dict[str, Any] = yaml.safe_load((COMPOSE / "postgres.yml").read_text())
+    services = override["services"]
+    assert services["postgres"]["image"].startswith("postgres:")
+    assert services["mongo"]["profiles"] == ["mongodb"]  # left out unless asked
+    url = services["sessionq"]["environment"]["SESSIONQ_STORE_URL"]
+    assert url.startswith("postgresql://") and "@postgres:5432/" in url
+    depends = services["sessionq"]["depends_on"]["postgres"]
+    assert depends == {"condition": "service_healthy"}
+    # The base stack may then do without MongoDB.
+    assert base["services"]["sessionq"]["depends_on"]["mongo"]["required"] is False
+    assert "postgres-data" in override["volumes"]
