@@ -841,3 +841,35 @@ async def test_a_postgresql_store_from_before_budgets_derives_them_once(postgres
                 await store.add_requests("s1", 1, reqs(4), now=1.0, max_pending=2)
         finally:
             await store.close()
+
+
+async def test_concurrent_adds_never_pass_the_pending_budget(store: Store) -> None:
+    """Many sessions of one user adding at once (one group commit, or on
+    PostgreSQL the batch path for many sessions): the adds that fit are
+    stored whole, the others not at all, and the count is the stored rows."""
+    await store.add_requests(await new_session(store, "old"), 1, reqs(1), now=1.0)
+    for user in ("alice", "bob"):  # alice has a counter already, bob none yet
+        sessions = [f"{user}{i}" for i in range(20)]
+        for sid in sessions:
+            await store.create_session(sid, user, "A", FAR)
+
+        async def add(sid: str) -> bool:
+            try:
+                await store.add_requests(sid, 1, reqs(1, 2), now=1.0, max_pending=26)
+            except BudgetExceeded:
+                return False
+            return True
+
+        added = await asyncio.gather(*(add(sid) for sid in sessions))
+        stored = [len(await store.unfinished(sid)) for sid in sessions]
+        assert stored == [2 if ok else 0 for ok in added]
+        assert sum(stored) >= 24 if user == "bob" else sum(stored) >= 22
+        pending = (await store.usage(user)).pending
+        assert pending == sum(stored) + (1 if user == "alice" else 0) <= 26
+        assert [(await session_of(store, sid)).last_seq for sid in sessions] == [
+            2 if ok else 0 for ok in added
+        ]
+        for sid, ok in zip(sessions, added, strict=True):
+            if ok:
+                await store.finish_requests(sid, 1, [(1, "{}", False), (2, "{}", False)], 2.0)
+        assert (await store.usage(user)).pending == (1 if user == "alice" else 0)

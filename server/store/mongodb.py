@@ -201,12 +201,13 @@ class MongoStore(Store):
             )
             if doc is not None:
                 return True
-            if first:
-                created = await self._budgets.update_one(
-                    {"_id": username}, {"$setOnInsert": {"pending": 0, "kv_bytes": 0}}, upsert=True
-                )
-                if created.upserted_id is None:
-                    return False  # it existed: the budget is used up
+            if first:  # no document, or the budget used up: make sure of the first
+                with contextlib.suppress(DuplicateKeyError):  # made by a racing call
+                    await self._budgets.update_one(
+                        {"_id": username},
+                        {"$setOnInsert": {"pending": 0, "kv_bytes": 0}},
+                        upsert=True,
+                    )
         return False
 
     async def _give_back(self, session_id: str, n: int) -> None:

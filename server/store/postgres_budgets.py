@@ -7,12 +7,12 @@
 * A check and the write it guards are one transaction: ``create_session`` and
   ``kv_put`` lock the user's ``user_budgets`` row first (writes of one user's
   sessions and keys take turns across processes), ``add`` takes its places
-  with one conditional UPDATE of that row.
+  with one conditional upsert of that row (and gives them back if its fence
+  then fails).
 * The hot path (``sessionq_hot``) takes the places of all its adds with one
   statement per batch and gives back those of its finishes with another. When
-  some user's adds do not all fit, it raises ``SQB01``; ``sessionq_batch``
-  rolls the hot path back (a subtransaction) and runs the batch one operation
-  at a time, where each add fits or is refused on its own.
+  some user's adds do not all fit, it gives its places back and runs the batch
+  one operation at a time, where each add fits or is refused on its own.
 
 A refused operation changes nothing and answers ``{"e": "budget", "b":
 budget, "l": limit}``.
@@ -122,18 +122,20 @@ BEGIN
         END IF;
         RETURN result;
     WHEN 'add' THEN  -- sid, epoch, rows, now, max pending
-        -- Fenced first (and the session row locked): a fenced add takes nothing.
-        SELECT username INTO u FROM sessions
-        WHERE session_id = sid AND epoch = (o->>2)::bigint FOR UPDATE;
-        IF NOT FOUND THEN RETURN '{"e": "fenced"}'; END IF;
         n := jsonb_array_length(o->3);
         lim := (o->>5)::bigint;
         IF lim IS NOT NULL AND n > lim THEN RETURN sessionq_refused('pending', lim); END IF;
-        INSERT INTO user_budgets AS b (username, pending) VALUES (u, n)
+        INSERT INTO user_budgets AS b (username, pending)
+        SELECT username, n FROM sessions WHERE session_id = sid AND epoch = (o->>2)::bigint
         ON CONFLICT (username) DO UPDATE SET pending = b.pending + excluded.pending
         WHERE lim IS NULL OR b.pending + excluded.pending <= lim;
-        IF NOT FOUND THEN RETURN sessionq_refused('pending', lim); END IF;
-        RETURN sessionq_op_v1(o);
+        IF NOT FOUND THEN
+            IF NOT sessionq_current(sid, (o->>2)::bigint) THEN RETURN '{"e": "fenced"}'; END IF;
+            RETURN sessionq_refused('pending', lim);
+        END IF;
+        result := sessionq_op_v1(o);
+        IF NOT result ? 'r' THEN PERFORM sessionq_pending(sid, -n); END IF;  -- fenced since
+        RETURN result;
     WHEN 'remove' THEN  -- sid, epoch, [seq, ...]
         SELECT count(*) INTO n FROM requests
         WHERE session_id = sid AND state = 'queued'
@@ -176,57 +178,73 @@ BEGIN
 END
 $$;
 
--- The hot path with budgets: the places of every add in one statement, after
--- locking the users' rows (in name order: two batches lock in the same order).
--- A batch in which some user's adds do not all fit runs one operation at a
--- time instead, where each add fits or is refused on its own.
+-- The hot path with budgets: the places of every add, per user, in one
+-- statement before the batch, and what finished (or turned out fenced) given
+-- back in one statement after it. When a user has no row yet, it gets one and
+-- the batch tries again; when some user's adds do not all fit, the batch runs
+-- one operation at a time instead, where each add fits or is refused alone.
 CREATE FUNCTION sessionq_hot(ops jsonb) RETURNS jsonb
 LANGUAGE plpgsql
 SET enable_hashjoin = off SET enable_mergejoin = off SET enable_seqscan = off
 AS $$
 DECLARE
-    users text[];
+    wanted bigint;
+    took text[];
     result jsonb;
     o jsonb;
     outcomes jsonb[] := '{}';
 BEGIN
-    EXECUTE $q$
-        SELECT ARRAY(
-            SELECT DISTINCT s.username FROM jsonb_array_elements($1) x
-            JOIN sessions s ON s.session_id = x->>1
-            WHERE x->>0 = 'add' ORDER BY 1
-        )
-    $q$ INTO users USING ops;
-    INSERT INTO user_budgets (username) SELECT unnest(users) ORDER BY 1 ON CONFLICT DO NOTHING;
-    PERFORM 1 FROM user_budgets WHERE username = ANY (users) ORDER BY username FOR UPDATE;
-    IF EXISTS (
-        SELECT 1 FROM (
-            SELECT s.username, sum(jsonb_array_length(x->3)) AS n,
-                min((x->>5)::bigint) AS lim
-            FROM jsonb_array_elements(ops) x JOIN sessions s ON s.session_id = x->>1
-            WHERE x->>0 = 'add' GROUP BY s.username
-        ) t JOIN user_budgets b ON b.username = t.username
-        WHERE t.lim IS NOT NULL AND b.pending + t.n > t.lim
-    ) THEN
-        FOR o IN SELECT x FROM jsonb_array_elements(ops) WITH ORDINALITY AS t (x, i) ORDER BY i
-        LOOP
-            outcomes := outcomes || sessionq_op(o);
-        END LOOP;
-        RETURN to_jsonb(outcomes);
-    END IF;
+    FOR attempt IN 1..2 LOOP
+        EXECUTE $q$
+            WITH t AS (
+                SELECT s.username, sum(jsonb_array_length(x->3)) AS n,
+                    min((x->>5)::bigint) AS lim
+                FROM jsonb_array_elements($1) x JOIN sessions s ON s.session_id = x->>1
+                WHERE x->>0 = 'add' GROUP BY s.username
+            ), u AS (
+                UPDATE user_budgets b SET pending = b.pending + t.n FROM t
+                WHERE b.username = t.username AND (t.lim IS NULL OR b.pending + t.n <= t.lim)
+                RETURNING b.username
+            )
+            SELECT (SELECT count(*) FROM t), ARRAY(SELECT username FROM u)
+        $q$ INTO wanted, took USING ops;
+        EXIT WHEN cardinality(took) = wanted;
+        EXECUTE $q$
+            UPDATE user_budgets b SET pending = b.pending - t.n
+            FROM (
+                SELECT s.username, sum(jsonb_array_length(x->3)) AS n
+                FROM jsonb_array_elements($1) x JOIN sessions s ON s.session_id = x->>1
+                WHERE x->>0 = 'add' GROUP BY s.username
+            ) t
+            WHERE b.username = t.username AND b.username = ANY ($2)
+        $q$ USING ops, took;
+        IF attempt = 2 THEN
+            FOR o IN
+                SELECT x FROM jsonb_array_elements(ops) WITH ORDINALITY AS t (x, i) ORDER BY i
+            LOOP
+                outcomes := outcomes || sessionq_op(o);
+            END LOOP;
+            RETURN to_jsonb(outcomes);
+        END IF;
+        INSERT INTO user_budgets (username)
+        SELECT DISTINCT s.username FROM jsonb_array_elements(ops) x
+        JOIN sessions s ON s.session_id = x->>1 WHERE x->>0 = 'add'
+        ON CONFLICT DO NOTHING;
+    END LOOP;
     result := sessionq_hot_v1(ops);
-    -- What went in and what finished, per user, in one statement.
     EXECUTE $q$
-        UPDATE user_budgets b SET pending = greatest(0, b.pending + d.delta)
+        UPDATE user_budgets b SET pending = greatest(0, b.pending - d.n)
         FROM (
             SELECT s.username, sum(CASE WHEN t.x->>0 = 'add' THEN jsonb_array_length(t.x->3)
-                                        ELSE -jsonb_array_length(r.y->'r') END) AS delta
+                                        ELSE jsonb_array_length(r.y->'r') END) AS n
             FROM jsonb_array_elements($1) WITH ORDINALITY AS t (x, i)
             JOIN jsonb_array_elements($2) WITH ORDINALITY AS r (y, j) ON r.j = t.i
             JOIN sessions s ON s.session_id = t.x->>1
-            WHERE r.y ? 'r' GROUP BY s.username
+            WHERE (t.x->>0 = 'add' AND NOT r.y ? 'r')
+               OR (t.x->>0 = 'finish_many' AND r.y ? 'r')
+            GROUP BY s.username
         ) d
-        WHERE b.username = d.username AND d.delta <> 0
+        WHERE b.username = d.username AND d.n <> 0
     $q$ USING ops, result;
     RETURN result;
 END
