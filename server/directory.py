@@ -103,6 +103,20 @@ class SessionDirectory:
         self.sessions[session_id] = session
         return session
 
+    @contextlib.asynccontextmanager
+    async def _undone_on_failure(self, session: Session) -> AsyncIterator[None]:
+        """A session that failed to start here (the store or the broker failed
+        while it was taken up) leaves this process again: released, its work
+        left in the store for the next claim, instead of staying in the
+        directory with no queue, no consumer and no connection."""
+        try:
+            yield
+        except BaseException:
+            session.log.warning("session could not be started here; released")
+            await session.stop(0)
+            self._session_closed(session)
+            raise
+
     def _session_closed(self, session: Session) -> None:
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
@@ -124,7 +138,8 @@ class SessionDirectory:
         )
         session = self._make_session(session_id, username, record.epoch, 0)
         session.log.info("session opened")
-        await session.start()
+        async with self._undone_on_failure(session):
+            await session.start()
         return session
 
     async def take_session(self, session_id: str, username: str, carrier: Carrier) -> Session:
@@ -181,7 +196,8 @@ class SessionDirectory:
         session = self._make_session(session_id, record.username, epoch, record.last_seq)
         metrics.takeover("resume")
         session.log.info("session taken over for a resume (epoch {})", epoch)
-        await session.take_up()
+        async with self._undone_on_failure(session):
+            await session.take_up()
         return session
 
     # -- claims ------------------------------------------------------------------------
@@ -278,7 +294,8 @@ class SessionDirectory:
             session_id, record.username, epoch, record.last_seq, attached=False
         )
         metrics.takeover("adopt")
-        work = await session.take_up()
+        async with self._undone_on_failure(session):
+            work = await session.take_up()
         if not session.unfinished:
             session.detach(None)
         logger.bind(session=session_id).info("adopted orphaned session: {} to run", work)
