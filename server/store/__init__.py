@@ -18,6 +18,7 @@ from .base import (
     SessionRecord,
     Store,
     StoreError,
+    TokenState,
     User,
     UserExists,
 )
@@ -31,6 +32,7 @@ __all__ = [
     "SessionRecord",
     "Store",
     "StoreError",
+    "TokenState",
     "User",
     "UserExists",
     "open_store",
