@@ -169,9 +169,13 @@ class Authenticator:
         self._dummy_hash = hash_password_sync("dummy-password-for-timing", bcrypt_rounds)
 
     # -- tokens --------------------------------------------------------------
-    def issue(self, username: str, version: int = 0, now: float | None = None) -> Identity:
+    def issue(
+        self, username: str, version: int = 0, now: float | None = None, after: int = 0
+    ) -> Identity:
+        """A token for ``username`` under token ``version``, expiring after
+        ``after`` (a refresh never hands out a token that ends sooner)."""
         issued = int(now if now is not None else time.time())
-        expires = issued + self.token_ttl
+        expires = max(issued + self.token_ttl, after + 1)
         jti = uuid.uuid4().hex
         claims = {
             "sub": username, "iat": issued, "exp": expires, "jti": jti,
@@ -216,7 +220,7 @@ class Authenticator:
         """A fresh token (new ``jti``, later ``exp``) for the user of
         ``current``, which must still be valid: no password needed."""
         identity = await self.authenticate_token(current.token)
-        return self.issue(identity.username, identity.version)
+        return self.issue(identity.username, identity.version, after=identity.expires_at)
 
     async def logout(self, identity: Identity) -> None:
         """Revoke ``identity``'s token (by jti) until it would have expired."""

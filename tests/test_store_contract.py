@@ -625,7 +625,10 @@ async def test_token_state_reads_version_disabled_and_revoked_jti(store: Store) 
     state = await store.token_state("ALICE", "j1")
     assert state is not None
     assert (state.username, state.version, state.disabled, state.jti_revoked) == (
-        "Alice", 0, False, False,
+        "Alice",
+        0,
+        False,
+        False,
     )
     await store.revoke_token("j1", time.time() + 60, time.time())
     state = await store.token_state("alice", "j1")
