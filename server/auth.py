@@ -36,7 +36,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import bcrypt
 import jwt
@@ -64,8 +64,8 @@ class AuthError(Exception):
 @dataclass(frozen=True, slots=True)
 class Identity:
     username: str
-    token: str
-    expires_at: int
+    token: str = field(repr=False)  # a secret: never in a repr, so never in a log line
+    expires_at: int = 0
     jti: str = ""
     version: int = 0  # the user's token version the token was issued under
 
