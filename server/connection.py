@@ -268,14 +268,17 @@ class Connection:
         self._expiry = self._notice = None
 
     def _schedule_expiry(self, identity: Identity) -> None:
-        """Close at the token's expiry; ``token_notice`` seconds before it,
-        send ``token_expiring`` once (at once if the token is already that
-        close to its end)."""
+        """Close at the token's expiry; ``token_notice`` seconds before it (at
+        most half the TTL), send ``token_expiring`` once (at once if the token
+        is already that close to its end)."""
         self._cancel_timers()
         loop = asyncio.get_running_loop()
         left = identity.expires_at - time.time()
         self._expiry = loop.call_later(max(0.0, left), self._expired)
-        notice = self.settings.token_notice
+        # Never more than half a token's lifetime: with a TTL at or below the
+        # notice, every fresh token would be "expiring" at once and a client
+        # that refreshes on the notice would refresh in a loop.
+        notice = min(self.settings.token_notice, self.settings.token_ttl / 2)
         if notice > 0:
             self._notice = loop.call_later(
                 max(0.0, left - notice), self._expiring, identity.expires_at
@@ -361,7 +364,9 @@ class Connection:
         and the revocations that close it."""
         self.server.live.discard(self)
         self.identity = identity
-        self.server.live.add(self)
+        if not self.server.live.add(self):  # revoked while it was being checked
+            self.close(CloseCode.UNAUTHORIZED, "token revoked")
+            return
         self._schedule_expiry(identity)
 
     async def _renew(self) -> None:
