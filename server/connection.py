@@ -356,18 +356,20 @@ class Connection:
         if identity.username.lower() != self.identity.username.lower():
             self.outbox.push(encode_error(ErrorCode.INVALID_TOKEN, "token is for another user"))
             return
-        self._run_on(identity)
-        self.outbox.push(self._welcome(identity, self.session.session_id))
+        if self._run_on(identity):
+            self.outbox.push(self._welcome(identity, self.session.session_id))
 
-    def _run_on(self, identity: Identity) -> None:
+    def _run_on(self, identity: Identity) -> bool:
         """From now on the connection runs on ``identity``'s token: its expiry,
-        and the revocations that close it."""
+        and the revocations that close it. False (and closing) if a
+        revocation that covers the token arrived while it was being checked."""
         self.server.live.discard(self)
         self.identity = identity
-        if not self.server.live.add(self):  # revoked while it was being checked
+        if not self.server.live.add(self):
             self.close(CloseCode.UNAUTHORIZED, "token revoked")
-            return
+            return False
         self._schedule_expiry(identity)
+        return True
 
     async def _renew(self) -> None:
         """``refresh``: a fresh token for the connection's user, checked
@@ -381,8 +383,8 @@ class Connection:
         except StoreError as exc:
             self._store_error(exc)
             return
-        self._run_on(identity)
-        self.outbox.push(encode_token(identity.token, identity.expires_at))
+        if self._run_on(identity):
+            self.outbox.push(encode_token(identity.token, identity.expires_at))
 
     async def _logout(self) -> bool:
         """``logout``: revoke this connection's token everywhere and close with
