@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import io
 import os
+import socket
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -229,6 +230,30 @@ async def test_delete_then_register_again_inherits_nothing(
     await fresh.submit("g", "kv.get", {"key": "k"})
     got = finals_of(await fresh.finals(1))[0]
     assert got["value"]["found"] is False
+
+
+async def test_disable_without_a_broker_still_revokes_and_says_so(
+    server: Server, connect: ClientFactory, user_client: ClientFactory
+) -> None:
+    client = await user_client()
+    name, token = client.welcome["user"], client.welcome["token"]
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "user", "disable", name,
+        "--store-url", server.settings.store_url,
+        "--broker-url", f"amqp://guest:secret-pw@127.0.0.1:{port}/",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
+    )  # fmt: skip
+    out, _ = await asyncio.wait_for(proc.communicate(), 6 * UNIT)
+    assert proc.returncode == 1
+    assert b"could not be told" in out and b"secret-pw" not in out, out
+    # The store change stands: the token is refused at its next check.
+    await client.send({"type": "refresh"})
+    assert (await client.recv())["code"] == "invalid_token"
+    assert (await login(connect, name))["code"] == "invalid_credentials"
+    assert (await (await auth_with(connect, token)).recv())["code"] == "invalid_token"
 
 
 # -- 2b. across processes ---------------------------------------------------------------
