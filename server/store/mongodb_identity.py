@@ -9,7 +9,9 @@ each new revocation deletes the entries whose token has expired.
 :meth:`delete_user` raises the version first, so every old token is refused
 before any data goes, then removes the user's requests, sessions, key-value
 data and finally the user: a failure halfway leaves a user that an operator
-deletes again, never a token that works.
+deletes again, never a token that works. :meth:`token_state` reads the
+user, its version and the jti in up to three finds (one per collection; no
+``$lookup``, so it runs on any MongoDB and on the test suite's emulator).
 """
 
 from __future__ import annotations
