@@ -8,7 +8,6 @@ over to draining, stops the writer and frees the user's connection slot.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +43,7 @@ from server.auth import AuthError, Identity
 from server.errors import SessionUnavailable, error_frame
 from server.outbox import Outbox
 from server.store import StoreError
+from server.token_timers import TokenTimers
 
 if TYPE_CHECKING:
     from server.ports import ConnectionHost
@@ -129,8 +129,9 @@ class Connection:
             on_slow=lambda: self.close(CloseCode.SLOW_CONSUMER, "client is not reading"),
         )
         self._closing: asyncio.Task[None] | None = None
-        self._expiry: asyncio.TimerHandle | None = None
-        self._notice: asyncio.TimerHandle | None = None
+        self._timers = TokenTimers(
+            self.settings.token_notice, self.settings.token_ttl, self._expiring, self._expired
+        )
         self.log = logger.bind(peer=self.address)
 
     def close(self, code: int, reason: str) -> None:
@@ -173,7 +174,7 @@ class Connection:
             self.log.exception("connection failed")
             await self.close_now(CloseCode.INTERNAL, "internal error")
         finally:
-            self._cancel_timers()
+            self._timers.cancel()
             self.server.live.discard(self)
             if self.session is not None:
                 self.session.detach(self.outbox)
@@ -261,31 +262,12 @@ class Connection:
         self.log.warning("auth store error: {}", exc)
         self.outbox.push(error_frame(exc))
 
-    def _cancel_timers(self) -> None:
-        for timer in (self._expiry, self._notice):
-            if timer is not None:
-                timer.cancel()
-        self._expiry = self._notice = None
-
     def _schedule_expiry(self, identity: Identity) -> None:
-        """Close at the token's expiry; ``token_notice`` seconds before it (at
-        most half the TTL), send ``token_expiring`` once (at once if the token
-        is already that close to its end)."""
-        self._cancel_timers()
-        loop = asyncio.get_running_loop()
-        left = identity.expires_at - time.time()
-        self._expiry = loop.call_later(max(0.0, left), self._expired)
-        # Never more than half a token's lifetime: with a TTL at or below the
-        # notice, every fresh token would be "expiring" at once and a client
-        # that refreshes on the notice would refresh in a loop.
-        notice = min(self.settings.token_notice, self.settings.token_ttl / 2)
-        if notice > 0:
-            self._notice = loop.call_later(
-                max(0.0, left - notice), self._expiring, identity.expires_at
-            )
+        """``token_expiring`` before the token's expiry, then the close at it
+        (server.token_timers)."""
+        self._timers.start(identity.expires_at)
 
     def _expiring(self, expires_at: int) -> None:
-        self._notice = None
         self.outbox.push(encode_token_expiring(expires_at))
 
     def _expired(self) -> None:
@@ -396,7 +378,7 @@ class Connection:
         except StoreError as exc:
             self._store_error(exc)
             return False
-        self._cancel_timers()
+        self._timers.cancel()
         self.server.live.discard(self)
         self.log.info("logged out")
         self.close(CloseCode.NORMAL, "logged out")
