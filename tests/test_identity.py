@@ -257,14 +257,26 @@ async def test_disable_without_a_broker_still_revokes_and_says_so(
 
 
 # -- 2b. across processes ---------------------------------------------------------------
+@pytest.fixture(
+    params=[
+        pytest.param("sqlite", id="sqlite"),
+        pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
+    ]
+)
+def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.db"
+    return str(request.getfixturevalue("mongodb_store_url"))
+
+
 @pytest.fixture
-async def two_processes(tmp_path: Path) -> AsyncIterator[list[int]]:
-    """Two ``sessionq serve`` processes on one SQLite store; yields their ports."""
+async def two_processes(shared_store: str) -> AsyncIterator[list[int]]:
+    """Two ``sessionq serve`` processes on one store; yields their ports."""
     procs = []
     env = {
         **os.environ,
         "SESSIONQ_BROKER_URL": BROKER_URL,
-        "SESSIONQ_STORE_URL": f"sqlite:///{tmp_path}/shared.db",
+        "SESSIONQ_STORE_URL": shared_store,
         "SESSIONQ_JWT_SECRET": "identity-test-secret-of-32-bytes-at-least",
         "SESSIONQ_BCRYPT_ROUNDS": "4",
         "SESSIONQ_LOG_FORMAT": "json",
@@ -299,7 +311,7 @@ async def open_on(port: int, frame: dict[str, Any]) -> Client:
 
 
 async def test_revocation_reaches_the_other_process(
-    two_processes: list[int], tmp_path: Path
+    two_processes: list[int], shared_store: str
 ) -> None:
     a, b = two_processes
     name = unique_name()
@@ -317,7 +329,7 @@ async def test_revocation_reaches_the_other_process(
     also = await open_on(a, {"type": "auth", "token": other.welcome["token"]})
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "server.cli", "user", "disable", name,
-        "--store-url", f"sqlite:///{tmp_path}/shared.db", "--broker-url", BROKER_URL,
+        "--store-url", shared_store, "--broker-url", BROKER_URL,
         stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, cwd=ROOT,
     )  # fmt: skip
     out, _ = await asyncio.wait_for(proc.communicate(), 6 * UNIT)
