@@ -28,7 +28,14 @@ from protocol import CloseCode, ErrorCode, Submit, encode_error
 from server import metrics
 from server.broker import Broker, BrokerError, Channel
 from server.errors import error_frame
-from server.session_core import BEGIN_CLOSE, START_PUMP, Command, Refuse, SessionCore
+from server.session_core import (
+    BEGIN_CLOSE,
+    START_PUMP,
+    Command,
+    Refuse,
+    SendAll,
+    SessionCore,
+)
 from server.session_pump import SubmitPump
 from server.session_recovery import Recovery, Work
 from server.session_state import SessionState
@@ -156,7 +163,12 @@ class Session:
     def run(self, commands: Iterable[Command]) -> None:
         """Carry out what the core asked for."""
         for command in commands:
-            if command is START_PUMP:
+            if type(command) is SendAll:
+                outbox = self.outbox
+                if outbox is not None:
+                    for frame in command.frames:
+                        outbox.push(frame)
+            elif command is START_PUMP:
                 self.pump.start()
             elif command is BEGIN_CLOSE:
                 self._begin_close()
@@ -297,7 +309,7 @@ class Session:
         self.recovery.cancel_sleeping_repair()
 
     async def _release(self) -> None:
-        await self.forget_refused()
+        await self.pump.forget_refused()
         try:
             await self.store.release_session(self.session_id, self.epoch)
         except StoreError as exc:
@@ -308,24 +320,6 @@ class Session:
         """Wait until a closing session has either released its ownership or
         been carried on after all (a resume attached it while it closed)."""
         await self._close_settled.wait()
-
-    async def remove_refused(self) -> None:
-        """Remove the requests of refused batches from the store (their seqs
-        are reused, and a next owner would run them); raises StoreError."""
-        await self.store.remove_requests(self.session_id, self.epoch, self.core.unremoved)
-        self.core.unremoved = []
-
-    async def forget_refused(self) -> None:
-        """:meth:`remove_refused`, best effort: if the store fails, the next
-        batch (or the release) tries again; a fenced one gives the session up."""
-        if not self.core.unremoved:
-            return
-        try:
-            await self.remove_refused()
-        except StoreError as exc:
-            self.log.warning("could not forget refused requests {}: {}", self.core.unremoved, exc)
-            if isinstance(exc, Fenced):
-                self.lost_ownership()
 
     # -- SessionPort (used by the consumer) ------------------------------------------
     def push(self, frame: bytes) -> None:
@@ -387,7 +381,7 @@ class Session:
     def submit(self, frame: Submit) -> None:
         """Check a submit and queue it for the pump, or refuse it at once."""
         ready = self.consumer is not None and self.broker.connected
-        commands = self.core.submit(frame, now=time.monotonic(), broker_ready=ready)
+        commands = self.core.submit(frame, now=time.monotonic, broker_ready=ready)
         if commands:
             self.run(commands)
 

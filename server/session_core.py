@@ -45,6 +45,7 @@ __all__ = [
     "Pending",
     "Refuse",
     "Send",
+    "SendAll",
     "SessionCore",
 ]
 
@@ -65,6 +66,13 @@ class Send:
 
 
 @dataclass(frozen=True, slots=True)
+class SendAll:
+    """Queue these frames for the client, in order (one command for a batch)."""
+
+    frames: list[bytes]
+
+
+@dataclass(frozen=True, slots=True)
 class Refuse:
     """Refuse a submit or cancel: an ``error`` frame with no seq (counted by code)."""
 
@@ -81,7 +89,7 @@ class _Signal:
 START_PUMP: Final = _Signal("start pump")  # submits wait: start the pump task
 BEGIN_CLOSE: Final = _Signal("begin close")  # drained: stop the consumer, release
 
-Command = Send | Refuse | _Signal
+Command = Send | SendAll | Refuse | _Signal
 _START: Final = (START_PUMP,)
 _CLOSE: Final = (BEGIN_CLOSE,)
 _NOTHING: Final[tuple[Command, ...]] = ()
@@ -243,8 +251,11 @@ class SessionCore:
         """What max_pending counts: every unfinished request, accepted or not."""
         return len(self.unfinished) + len(self.in_flight) + len(self.incoming)
 
-    def submit(self, frame: Submit, *, now: float, broker_ready: bool) -> tuple[Command, ...]:
-        """Check a submit: answer a duplicate, refuse it, or queue it for the pump."""
+    def submit(
+        self, frame: Submit, *, now: Callable[[], float], broker_ready: bool
+    ) -> tuple[Command, ...]:
+        """Check a submit: answer a duplicate, refuse it, or queue it for the pump
+        (``now`` is read only when a submit rate is configured)."""
         rid = frame.id
         known = self.ids.get(rid)
         if known is not None:
@@ -259,7 +270,7 @@ class SessionCore:
         if self.pending() >= self.max_pending:
             message = f"the session already has {self.max_pending} unfinished requests"
             return (Refuse(ErrorCode.QUEUE_FULL, message, rid),)
-        if self.max_submits_per_second > 0 and not self._rate_ok(now):
+        if self.max_submits_per_second > 0 and not self._rate_ok(now()):
             return (Refuse(ErrorCode.RATE_LIMITED, "too many submits per second", rid),)
         if not broker_ready or self.closed:
             return (Refuse(ErrorCode.UNAVAILABLE, "the broker is unreachable; retry", rid),)
@@ -311,22 +322,23 @@ class SessionCore:
     def batch_accepted(self, batch: Sequence[Pending], first_seq: int) -> tuple[Command, ...]:
         """``batch`` is stored and confirmed by the broker as seqs
         ``first_seq`` ...: queue their ``accepted`` frames in submit order."""
-        sends: list[Command] = []
-        ahead = len(self.unfinished)
+        frames: list[bytes] = []
+        unfinished, ids = self.unfinished, self.ids
+        ahead = len(unfinished)
         seq = first_seq
         for p in batch:
             rid = p.frame.id
-            self.unfinished[seq] = rid
-            self.ids[rid] = (seq, ahead)
-            frame = Send(encode_accepted(rid, seq, ahead))
-            sends.append(frame)
-            for _ in range(p.duplicates):
-                sends.append(frame)
+            unfinished[seq] = rid
+            ids[rid] = (seq, ahead)
+            frame = encode_accepted(rid, seq, ahead)
+            frames.append(frame)
+            if p.duplicates:
+                frames.extend([frame] * p.duplicates)
             ahead += 1
             seq += 1
         if batch:
             self.last_seq = self.accepted_through = seq - 1
-        return tuple(sends)
+        return (SendAll(frames),)
 
     def batch_refused(
         self, batch: Iterable[Pending], code: ErrorCode, message: str

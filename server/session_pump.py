@@ -118,7 +118,7 @@ class SubmitPump:
         records: list[NewRequest] = []
         try:
             if core.unremoved:  # their seqs are about to be reused
-                await s.remove_refused()
+                await self.remove_refused()
             if core.resumed_from_store:
                 ids = [p.frame.id for p in batch]
                 known = await s.store.seqs_of(s.session_id, ids)
@@ -152,7 +152,7 @@ class SubmitPump:
             metrics.observe_publish(time.perf_counter() - started)
         except BrokerError as exc:  # QueueFull: the broker's x-max-length refused it
             core.unremoved = [r.seq for r in records]
-            await s.forget_refused()
+            await self.forget_refused()
             s.run(core.batch_refused(batch, *wire_error(exc)))
             return
         self._last_batch = len(batch)
@@ -160,3 +160,23 @@ class SubmitPump:
         metrics.requests_accepted.inc(len(batch))
         s.run(core.batch_accepted(batch, first))
         s.accepted(first, len(batch))
+
+    async def remove_refused(self) -> None:
+        """Remove the requests of refused batches from the store (their seqs
+        are reused, and a next owner would run them); raises StoreError."""
+        s = self.session
+        await s.store.remove_requests(s.session_id, s.epoch, s.core.unremoved)
+        s.core.unremoved = []
+
+    async def forget_refused(self) -> None:
+        """:meth:`remove_refused`, best effort: if the store fails, the next
+        batch (or the release) tries again; a fenced one gives the session up."""
+        s = self.session
+        if not s.core.unremoved:
+            return
+        try:
+            await self.remove_refused()
+        except StoreError as exc:
+            s.log.warning("could not forget refused requests {}: {}", s.core.unremoved, exc)
+            if isinstance(exc, Fenced):
+                s.lost_ownership()

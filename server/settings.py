@@ -159,8 +159,9 @@ class Settings:
             split_broker_urls(self.broker_url)
         except ValueError as exc:
             raise bad("broker_url", str(exc)) from None
-        if not self.store_url.startswith(("sqlite:///", "mongodb://", "mongodb+srv://")):
-            raise bad("store_url", "must be sqlite:///path or mongodb://...")
+        stores = ("sqlite:///", "mongodb://", "mongodb+srv://", "postgresql://", "postgres://")
+        if not self.store_url.startswith(stores):
+            raise bad("store_url", "must be sqlite:///path, mongodb://... or postgresql://...")
         if self.env not in ("development", "production"):
             raise bad("env", "must be development or production")
         if self.production and len(self.jwt_secret.encode()) < 32:

@@ -25,7 +25,8 @@ from server import logs
 from server.app import Server
 from server.settings import Settings
 
-pytest_plugins = ["mongo_server"]  # tests/ is on sys.path, as for "from conftest import"
+# tests/ is on sys.path, as for "from conftest import"; store_servers: store_url, PostgreSQL
+pytest_plugins = ["mongo_server", "store_servers"]
 
 # The server objects run in the test's process: show warnings and worse only.
 logs.configure("text", os.environ.get("SESSIONQ_TEST_LOG_LEVEL", "WARNING"))
@@ -140,14 +141,14 @@ ServerFactory = Callable[..., Awaitable[Server]]
 
 
 @pytest.fixture
-async def server_factory(tmp_path: Path) -> AsyncIterator[ServerFactory]:
+async def server_factory(store_url: str) -> AsyncIterator[ServerFactory]:
     servers: list[Server] = []
 
     async def make(**overrides: Any) -> Server:
         values: dict[str, Any] = dict(
             port=0,
             broker_url=BROKER_URL,
-            store_url=f"sqlite:///{tmp_path}/sq.db",
+            store_url=store_url,  # SESSIONQ_TEST_STORE's (tests/store_servers.py)
             jwt_secret="x" * 40,
             bcrypt_rounds=4,
             log_format="text",

@@ -285,6 +285,7 @@ def _unacked_deliveries() -> int:
     return sum(int(line) for line in out.split() if line.isdigit())
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_store_write_failure_refuses_instead_of_accepting(
     tmp_path: Path, server_factory: ServerFactory, user_client: ClientFactory
 ) -> None:
@@ -327,6 +328,7 @@ def _consumer_failures() -> float:
     return REGISTRY.get_sample_value("sessionq_consumer_failures_total", {"cause": "error"}) or 0.0
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
     server: Server, user_client: ClientFactory
 ) -> None:
@@ -356,6 +358,7 @@ async def test_a_result_the_store_lost_runs_again_and_the_queue_goes_on(
     assert _consumer_failures() == failures + 1  # the result's write, not another, failed
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_a_recovery_the_store_failed_is_tried_again(
     server_factory: ServerFactory, user_client: ClientFactory
 ) -> None:
@@ -391,6 +394,7 @@ async def test_a_recovery_the_store_failed_is_tried_again(
     assert [f["id"] for f in finals] == ["a", "b"]
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_a_refused_batch_the_store_could_not_forget_does_not_block_the_session(
     tmp_path: Path, server_factory: ServerFactory, user_client: ClientFactory
 ) -> None:
@@ -438,6 +442,7 @@ async def test_a_refused_batch_the_store_could_not_forget_does_not_block_the_ses
     assert not stored("x")
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_a_submit_being_stored_when_its_client_leaves_is_still_run(
     server: Server, user_client: ClientFactory, connect: ClientFactory
 ) -> None:

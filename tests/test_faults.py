@@ -49,14 +49,14 @@ Start = Callable[..., Awaitable[ServerProcess]]
 
 
 @pytest.fixture
-async def start_server(tmp_path: Path) -> AsyncIterator[Start]:
+async def start_server(store_url: str) -> AsyncIterator[Start]:
     procs: list[ServerProcess] = []
 
     async def start(**settings: Any) -> ServerProcess:
         env = {
             **os.environ,
             "SESSIONQ_BROKER_URL": BROKER_URL,
-            "SESSIONQ_STORE_URL": f"sqlite:///{tmp_path}/sq.db",
+            "SESSIONQ_STORE_URL": store_url,
             "SESSIONQ_JWT_SECRET": SECRET,
             "SESSIONQ_BCRYPT_ROUNDS": "4",
             "SESSIONQ_LEASE_SECONDS": "1",
@@ -157,6 +157,7 @@ async def resume_all(
     return resumed, rest
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_sigkill_mid_queue_then_restart_and_resume(start_server: Start) -> None:
     first = await start_server()
     client = await open_client(first)
@@ -203,6 +204,7 @@ async def test_a_cancel_stored_before_a_crash_arrives_in_seq_order(start_server:
     assert finals[2]["value"] == {"n": 3}
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_a_killed_server_leaves_no_process_behind(start_server: Start) -> None:
     server = await start_server()
     client = await open_client(server)
@@ -276,6 +278,7 @@ async def test_sigterm_finishes_running_keeps_the_rest(start_server: Start) -> N
     assert all(f["type"] == "result" for f in seen + rest)
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_work_of_a_dead_process_runs_without_waiting_for_resume(start_server: Start) -> None:
     """A live process adopts a session whose owner died: its accepted requests
     run (as after a disconnect) before anyone resumes it."""
@@ -312,6 +315,7 @@ def session_epoch(db: Path, session_id: str) -> int:
     return int(epoch)
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_a_stalled_owner_whose_session_moved_closes_it_with_4409(
     start_server: Start, tmp_path: Path
 ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 
+import pytest
 from conftest import (
     ClientFactory,
     ServerFactory,
@@ -15,6 +16,7 @@ from conftest import (
 )
 
 
+@pytest.mark.sqlite_only  # SQLite's writer process or file
 async def test_a_burst_while_a_batch_is_being_stored_gets_no_more_than_max_pending(
     server_factory: ServerFactory, user_client: ClientFactory
 ) -> None:

@@ -1,7 +1,8 @@
 """Two replicas that share only the store and the broker.
 
 Each test starts two ``sessionq serve`` processes on different ports with one
-store (a SQLite file, or a MongoDB database through the wire emulator) and
+store (a SQLite file, a PostgreSQL schema, or a MongoDB database through the
+wire emulator) and
 shows one of the three ways a session moves between replicas: a resume after
 a disconnect, a resume that takes a live session over (4409), and a replica
 that dies (SIGKILL) and whose sessions the other one adopts once its lease
@@ -25,6 +26,7 @@ Start = Callable[[], Awaitable[ServerProcess]]
 
 STORES = [
     pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql"),
     pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
 ]
 
@@ -33,6 +35,8 @@ STORES = [
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/shared.db"
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))  # a schema of its own
     return str(request.getfixturevalue(f"{request.param}_store_url"))
 
 

@@ -1,9 +1,10 @@
-"""One contract for every store backend, plus what only SQLite can show here.
+"""One contract for every store backend, plus what only one backend can show.
 
-SQLite runs on a real file everywhere. MongoDB runs everywhere too: on the
-server ``SESSIONQ_TEST_MONGODB_URL`` points at, else on the wire emulator that
-tests/mongo_server.py starts (each test in a database of its own, dropped
-afterwards).
+SQLite runs on a real file everywhere; PostgreSQL on a real server
+(tests/store_servers.py: a database per run, a schema per test). MongoDB runs
+everywhere too: on the server ``SESSIONQ_TEST_MONGODB_URL`` points at, else on
+the wire emulator that tests/mongo_server.py starts (each test in a database of
+its own, dropped afterwards).
 """
 
 from __future__ import annotations
@@ -31,25 +32,45 @@ from server.store import (
     open_store,
 )
 from server.store.mongodb import MongoStore
+from server.store.postgres import PostgresStore
 from server.store.sqlite import SqliteStore
 
 UNIT = 0.1  # seconds; every timeout below is a multiple of it
 FAR = 1e12  # a lease that outlives every test
 
 
-@pytest.fixture(
-    params=[
-        "sqlite",
-        pytest.param("mongodb", marks=pytest.mark.mongodb),
-    ]
-)
-async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store
-    if request.param == "sqlite":
-        s = SqliteStore(tmp_path / "store.db")
-    else:  # the database is dropped by its fixture after the test
-        mongodb_url = request.getfixturevalue("mongodb_url")
-        s = MongoStore(mongodb_url, database=request.getfixturevalue("mongodb_database"))
+# One fixture per backend, named "<backend>_store"; ``store`` runs each test on each.
+BACKENDS = [
+    "sqlite",
+    "postgresql",
+    pytest.param("mongodb", marks=pytest.mark.mongodb),
+]
+
+
+@pytest.fixture(params=BACKENDS)
+def store(request: pytest.FixtureRequest) -> Store:
+    backend: Store = request.getfixturevalue(f"{request.param}_store")
+    return backend
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "store.db")
+    await s.open()
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+# postgresql_store: tests/store_servers.py (a schema of its own in the run's database)
+
+
+@pytest.fixture
+async def mongodb_store(
+    mongodb_url: str, mongodb_database: str
+) -> AsyncIterator[MongoStore]:  # the database is dropped by its fixture after the test
+    s = MongoStore(mongodb_url, database=mongodb_database)
     await s.open()
     try:
         yield s
@@ -405,7 +426,9 @@ async def test_open_store_picks_the_backend_by_url(
     assert isinstance(absolute, SqliteStore) and absolute.path == tmp_path / "abs" / "sq.db"
     assert isinstance(open_store("mongodb://127.0.0.1:1/db"), MongoStore)
     assert isinstance(open_store("mongodb+srv://cluster.example.com/db"), MongoStore)
-    for bad in ("postgres://x/db", "sqlite://x.db", "sqlite:///"):
+    assert isinstance(open_store("postgresql://u:p@127.0.0.1:1/db"), PostgresStore)
+    assert isinstance(open_store("postgres://u:p@db.example.com/db"), PostgresStore)
+    for bad in ("postgresql:/x/db", "sqlite://x.db", "sqlite:///"):
         with pytest.raises(ValueError, match="store URL"):
             open_store(bad)
 
@@ -422,19 +445,17 @@ async def test_a_mongodb_store_fails_with_store_error_before_it_is_open() -> Non
     await store.close()
 
 
-# -- SQLite only -------------------------------------------------------------------
-@pytest.fixture
-async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
-    s = SqliteStore(tmp_path / "store.db")
-    await s.open()
-    try:
-        yield s
-    finally:
-        await s.close()
+# -- group commit: the backends that group writes (SQLite, PostgreSQL) ------------
+@pytest.fixture(params=["sqlite", "postgresql"])
+def grouping_store(request: pytest.FixtureRequest) -> SqliteStore | PostgresStore:
+    backend: SqliteStore | PostgresStore = request.getfixturevalue(f"{request.param}_store")
+    return backend
 
 
-async def test_concurrent_writes_share_commits(sqlite_store: SqliteStore) -> None:
-    s = sqlite_store
+async def test_concurrent_writes_share_commits(
+    grouping_store: SqliteStore | PostgresStore,
+) -> None:
+    s = grouping_store
     sid = await new_session(s)
     before = s.commits
     async with asyncio.timeout(50 * UNIT):
@@ -448,8 +469,10 @@ async def test_concurrent_writes_share_commits(sqlite_store: SqliteStore) -> Non
     assert s.commits - before <= 10
 
 
-async def test_one_failing_write_does_not_fail_its_batch(sqlite_store: SqliteStore) -> None:
-    s = sqlite_store
+async def test_one_failing_write_does_not_fail_its_batch(
+    grouping_store: SqliteStore | PostgresStore,
+) -> None:
+    s = grouping_store
     sid = await new_session(s)
     await s.create_user("bob", b"h")
     await s.claim_session(sid, "A", lease_until=FAR, now=0.0)  # epoch 2
@@ -473,6 +496,7 @@ async def test_one_failing_write_does_not_fail_its_batch(sqlite_store: SqliteSto
     assert [r.seq for r in await s.unfinished(sid)] == [2]
 
 
+# -- SQLite only -------------------------------------------------------------------
 async def test_the_store_outlives_its_writer_process(sqlite_store: SqliteStore) -> None:
     # Writes run in a child process (off the server's GIL). If that process
     # dies, the store starts another one: the server keeps serving.

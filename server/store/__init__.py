@@ -3,8 +3,9 @@
 ``sqlite:///var/sq.db`` (three slashes: relative to the working directory) and
 ``sqlite:////srv/sq.db`` (four: absolute) select SQLite; ``mongodb://...`` and
 ``mongodb+srv://...`` select MongoDB, in the database named by the URL's path
-(``sessionq`` when it names none). Backends are imported when chosen, so a
-deployment loads only the driver it uses.
+(``sessionq`` when it names none); ``postgresql://user:password@host:port/db``
+(or ``postgres://``) selects PostgreSQL. Backends are imported when chosen, so
+a deployment loads only the driver it uses.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ __all__ = [
 ]
 
 SQLITE_PREFIX = "sqlite:///"
+POSTGRES_PREFIXES = ("postgresql://", "postgres://")
 
 
 def open_store(url: str) -> Store:
@@ -54,7 +56,12 @@ def open_store(url: str) -> Store:
         from .mongodb import MongoStore
 
         return MongoStore(url)
+    if url.startswith(POSTGRES_PREFIXES):
+        from .postgres import PostgresStore
+
+        return PostgresStore(url)
     raise ValueError(
         f"store URL {url!r} is not supported: use sqlite:///relative/path.db,"
-        " sqlite:////absolute/path.db or mongodb://host/database"
+        " sqlite:////absolute/path.db, mongodb://host/database"
+        " or postgresql://user:password@host:port/database"
     )

@@ -10,7 +10,15 @@ import orjson
 import pytest
 
 from protocol import ErrorCode, Submit
-from server.session_core import BEGIN_CLOSE, START_PUMP, Command, Refuse, Send, SessionCore
+from server.session_core import (
+    BEGIN_CLOSE,
+    START_PUMP,
+    Command,
+    Refuse,
+    Send,
+    SendAll,
+    SessionCore,
+)
 from server.session_state import InvalidTransition, SessionState
 
 
@@ -27,7 +35,8 @@ def core(max_pending: int = 5, **kw: Any) -> SessionCore:
 
 
 def submit(c: SessionCore, rid: str, op: str = "echo", **kw: Any) -> tuple[Command, ...]:
-    return c.submit(Submit(rid, op, {"seconds": 1}), now=kw.get("now", 0.0), broker_ready=True)
+    at = kw.get("now", 0.0)
+    return c.submit(Submit(rid, op, {"seconds": 1}), now=lambda: at, broker_ready=True)
 
 
 def frames(commands: tuple[Command, ...]) -> list[dict[str, Any]]:
@@ -35,6 +44,8 @@ def frames(commands: tuple[Command, ...]) -> list[dict[str, Any]]:
     for c in commands:
         if isinstance(c, Send):
             out.append(orjson.loads(c.frame))
+        elif isinstance(c, SendAll):
+            out.extend(orjson.loads(f) for f in c.frames)
         elif isinstance(c, Refuse):
             out.append({"type": "error", "code": c.code.value, "id": c.id})
     return out
@@ -133,9 +144,9 @@ def test_ids_known_to_the_store_get_their_original_seq() -> None:
 def test_refusals_before_acceptance() -> None:
     c = core()
     assert frames(submit(c, "x", op="nope"))[0]["code"] == "unknown_op"
-    bad = c.submit(Submit("y", "sleep", {"seconds": "x"}), now=0.0, broker_ready=True)
+    bad = c.submit(Submit("y", "sleep", {"seconds": "x"}), now=lambda: 0.0, broker_ready=True)
     assert frames(bad)[0]["code"] == "bad_request"
-    down = c.submit(Submit("z", "echo", {}), now=0.0, broker_ready=False)
+    down = c.submit(Submit("z", "echo", {}), now=lambda: 0.0, broker_ready=False)
     assert frames(down)[0]["code"] == "unavailable"
     assert c.pending() == 0
 

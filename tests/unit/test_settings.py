@@ -23,7 +23,7 @@ from server.settings import Settings, SettingsError
         ({"SESSIONQ_PORT": "70000"}, "SESSIONQ_PORT"),
         ({"SESSIONQ_PORT": "http"}, "SESSIONQ_PORT"),
         ({"SESSIONQ_BROKER_URL": "redis://x"}, "SESSIONQ_BROKER_URL"),
-        ({"SESSIONQ_STORE_URL": "postgres://x"}, "SESSIONQ_STORE_URL"),
+        ({"SESSIONQ_STORE_URL": "mysql://x"}, "SESSIONQ_STORE_URL"),
         ({"SESSIONQ_ENV": "production"}, "SESSIONQ_JWT_SECRET"),
         ({"SESSIONQ_ENV": "production", "SESSIONQ_JWT_SECRET": "short"}, "SESSIONQ_JWT_SECRET"),
         ({"SESSIONQ_MAX_PENDING": "0"}, "SESSIONQ_MAX_PENDING"),

@@ -1,0 +1,156 @@
+"""The PostgreSQL store's writer: group commit on a connection of its own.
+
+* Every write is queued to one task, which takes everything queued, sends it
+  as one call of the server-side function ``sessionq_batch``
+  (:mod:`.postgres_schema`) and answers each caller. Writes that arrive while
+  that call runs form the next batch, across sessions: no timer, no added
+  latency when one write is in flight. One call is one round trip and one
+  commit (it runs outside an explicit transaction), however many writes the
+  batch holds: on a busy event loop every round trip costs a turn of the loop,
+  so a round trip per write would bound throughput. A batch of many adds and
+  finishes (the load's) runs server-side as a few statements for the whole
+  batch rather than a few per write.
+* A batch first runs plainly. If a write in it fails (a taken seq or client
+  id, a value out of range), the whole call is rolled back and the batch runs
+  again with each write in a subtransaction of its own, so the failing one
+  fails alone. Fenced writes and taken user names never fail the call: they
+  come back as outcomes.
+* A failure of the call as a whole (the server gone, the connection broken,
+  disk full, a statement past its timeout) fails every write of the batch with
+  StoreError and counts them as failures; the next batch takes a fresh
+  connection, so the store recovers by itself. A deadlock with another
+  process's batch is retried (PostgreSQL aborts one of the two).
+* PostgreSQL's text cannot hold the NUL character, which SQLite and MongoDB
+  store: a write with one fails alone with StoreError, before it is queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import asyncpg
+import orjson
+
+from .base import Fenced, StoreError, UserExists
+
+DEADLOCK_RETRIES = 3
+# Errors of the connection rather than of what was sent: running the batch
+# again, carefully, on the same connection would only fail again.
+CONNECTION_ERRORS = (OSError, asyncpg.InterfaceError, asyncpg.PostgresConnectionError)
+RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
+# Errors of what a write sent (a taken key, a value out of range): the batch
+# runs again carefully. Any other error fails the batch.
+SENT_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
+
+
+class Writer:
+    """Runs writes (``[name, args...]``, as ``sessionq_op`` takes them) in
+    batches on ``pool``'s one connection; ``failed(n)`` is told of n writes
+    that failed for the store's own reasons."""
+
+    def __init__(self, pool: asyncpg.Pool, failed: Callable[[int], None]) -> None:
+        self.commits = 0  # batches committed
+        self._pool = pool
+        self._failed = failed
+        self._pending: list[tuple[bytes, asyncio.Future[Any]]] = []
+        self._wakeup = asyncio.Event()
+        self._closing = False
+        self._task = asyncio.create_task(self._loop(), name="postgresql writer")
+
+    async def close(self) -> None:
+        """Run what is queued, then close the connection. Writes after it fail."""
+        self._closing = True
+        self._wakeup.set()
+        await self._task
+        await self._pool.close()
+
+    async def write(self, op: list[Any]) -> Any:
+        """Queue ``op`` for the next batch; return its result once committed,
+        or raise what its outcome says (Fenced, UserExists, StoreError)."""
+        if self._closing:
+            raise StoreError("the store is not open")
+        if _has_nul(op):  # a value PostgreSQL cannot take fails here, alone
+            raise StoreError("postgresql: text cannot contain the NUL character")
+        try:
+            encoded = orjson.dumps(op)
+        except TypeError as e:  # a lone surrogate
+            raise StoreError(f"postgresql: cannot store {e}") from e
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((encoded, future))
+        self._wakeup.set()
+        outcome = await future
+        if "e" not in outcome:
+            return outcome["r"]
+        kind = outcome["e"]
+        if kind == "fenced":
+            raise Fenced(f"session {op[1]}: epoch is not current")
+        if kind == "user_exists":
+            raise UserExists(op[1])
+        raise StoreError(f"postgresql: {outcome.get('m', kind)}")
+
+    async def _loop(self) -> None:
+        while True:
+            if not self._pending:
+                if self._closing:
+                    return
+                self._wakeup.clear()
+                await self._wakeup.wait()
+                continue
+            batch, self._pending = self._pending, []
+            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
+            if batch:
+                await self._commit(batch)
+
+    async def _commit(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
+        try:
+            outcomes = await self._run([op for op, _ in batch])
+        except Exception as e:  # the call failed: nothing of the batch is stored
+            self._failed(len(batch))
+            for _, fut in batch:
+                if not fut.done():
+                    error = StoreError(f"postgresql: {e}")
+                    error.__cause__ = e
+                    fut.set_exception(error)
+            return
+        except asyncio.CancelledError:
+            for _, fut in batch:
+                if not fut.done():
+                    fut.set_exception(StoreError("the store's writer was cancelled"))
+            raise
+        self.commits += 1
+        for (_, fut), outcome in zip(batch, outcomes, strict=True):
+            if not fut.done():
+                fut.set_result(outcome)
+
+    async def _run(self, ops: list[bytes]) -> list[dict[str, Any]]:
+        """One call of sessionq_batch for ``ops`` (each a JSON array): plainly,
+        then carefully if the plain call failed for something sent; raises if
+        the call fails."""
+        payload = (b"[" + b",".join(ops) + b"]").decode()
+        async with self._pool.acquire() as connection:
+            for attempt in range(DEADLOCK_RETRIES + 1):
+                try:
+                    result = await connection.fetchval(
+                        "SELECT sessionq_batch($1::jsonb, false)", payload
+                    )
+                    break
+                except RETRIED:
+                    if attempt == DEADLOCK_RETRIES:
+                        raise
+                except SENT_ERRORS:  # one write's: run each in a block of its own
+                    result = await connection.fetchval(
+                        "SELECT sessionq_batch($1::jsonb, true)", payload
+                    )
+                    break
+        outcomes: list[dict[str, Any]] = orjson.loads(result)
+        return outcomes
+
+
+def _has_nul(value: Any) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
