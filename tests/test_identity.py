@@ -260,12 +260,15 @@ async def test_disable_without_a_broker_still_revokes_and_says_so(
 @pytest.fixture(
     params=[
         pytest.param("sqlite", id="sqlite"),
+        pytest.param("postgresql", id="postgresql"),
         pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
     ]
 )
 def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path}/shared.db"
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))  # a schema of its own
     return str(request.getfixturevalue("mongodb_store_url"))
 
 
