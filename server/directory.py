@@ -51,6 +51,10 @@ class SessionDirectory:
     they are final.
     """
 
+    #: Receives the payload of each ``{"revoke": ...}`` control message
+    #: (server.revocation); set by the server.
+    on_revoke: Callable[[Any], None] | None = None
+
     def __init__(
         self,
         settings: Settings,
@@ -303,9 +307,14 @@ class SessionDirectory:
     # -- the broker's side: control messages and recovery ------------------------------
     def on_control(self, body: bytes) -> None:
         """A message on the control exchange: another process asks us to let a
-        session go because its client resumed there."""
+        session go because its client resumed there, or a token was revoked
+        (``{"revoke": ...}``, handed to ``on_revoke``)."""
         try:
             message = decode_json(body)
+            if isinstance(message, dict) and "revoke" in message:
+                if self.on_revoke is not None:
+                    self.on_revoke(message["revoke"])
+                return
             session_id, by = message["release"], message["by"]
         except (ValueError, KeyError, TypeError):
             logger.warning("ignoring a malformed control message")

@@ -19,6 +19,7 @@ from .base import (
     SessionRecord,
     Store,
     StoreError,
+    TokenState,
     User,
     UserExists,
 )
@@ -32,6 +33,7 @@ __all__ = [
     "SessionRecord",
     "Store",
     "StoreError",
+    "TokenState",
     "User",
     "UserExists",
     "open_store",
