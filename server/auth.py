@@ -235,7 +235,12 @@ class Authenticator:
         if not valid_username(username):
             # No such user can exist: no limiter key, no store read, no hash.
             raise AuthError(ErrorCode.INVALID_CREDENTIALS, "unknown user or wrong password")
-        user_key = username.lower()
+        # Failures count per (username, client address) and per address: a
+        # flood of wrong passwords for a name from one address locks out that
+        # address, never the user logging in correctly from another one.
+        # Guessing one name from many addresses is bounded by each address's
+        # own limit (docs/operations.md, "Security").
+        user_key = f"{username.lower()}@{address}"
         self._refuse_if_limited(user_key, address)
         user = await self.store.get_user(username)
         state = await self.store.token_state(username) if user is not None else None

@@ -474,3 +474,26 @@ async def test_no_token_or_password_reaches_the_logs(
     assert "auth store error" in text  # the capture saw the failures
     leaked = [s for s in secrets if s in text]
     assert not leaked, f"secrets in the log: {leaked}"
+
+
+async def test_a_flood_against_a_name_locks_out_only_the_flooding_address(
+    server_factory: ServerFactory, connect: ClientFactory, user_client: ClientFactory
+) -> None:
+    proxy = await server_factory(trusted_proxies=("127.0.0.1",), login_failures=2)
+    name = (await user_client(target=proxy)).welcome["user"]
+    async with asyncio.timeout(4 * UNIT):
+        refused = False
+        while not refused:  # wrong passwords for the user's own name, from one address
+            client = await connect(
+                target=proxy, additional_headers={"X-Forwarded-For": "10.0.0.66"}
+            )
+            for _ in range(proxy.settings.auth_tries):
+                await client.send({"type": "login", "username": name, "password": "wrong guess"})
+                reply = await client.recv()
+                if reply["code"] == "rate_limited":
+                    refused = True
+                    break
+            await client.close()
+    assert (await login_from(connect, proxy, "10.0.0.66", name))["code"] == "rate_limited"
+    # The user, from its own address, logs in: the flood did not lock it out.
+    assert (await login_from(connect, proxy, "10.0.0.7", name))["type"] == "welcome"
