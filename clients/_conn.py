@@ -82,6 +82,9 @@ def normalize_url(url: str) -> str:
     parts = urlsplit(url)
     if parts.scheme not in ("ws", "wss"):
         raise ValueError(f"URL must start with ws:// or wss://, got {url!r}")
+    if "token=" in parts.query:
+        # A URL ends up in proxy logs and shell history; the token goes in a header.
+        raise ValueError("put the token in --token or SESSIONQ_TOKEN, not in the URL")
     if parts.path in ("", "/"):
         parts = parts._replace(path="/ws")
     return urlunsplit(parts)

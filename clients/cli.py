@@ -28,7 +28,7 @@ import os
 import sys
 import threading
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Coroutine, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, TextIO
 
@@ -181,6 +181,7 @@ class Runner:
         self._closing = False
         self._wake = asyncio.Event()
         self._hold_until = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()
 
     # -- public ---------------------------------------------------------------
     async def connect(self) -> dict[str, Any]:
@@ -275,6 +276,33 @@ class Runner:
             # covers its expiry.
             self.creds = Credentials(self.creds.username, self.creds.password, token)
 
+    def _renew(self, frame: dict[str, Any]) -> None:
+        """Keep the session signed in: ``token_expiring`` is answered with
+        ``refresh``, and the ``token`` it brings is what the connection (and a
+        reconnect) runs on. Neither frame is shown: a token is a secret."""
+        if frame.get("type") == "token_expiring":
+            if self.ws is not None:
+                self._background(self.send({"type": "refresh"}))
+            return
+        token = frame.get("token")
+        if isinstance(token, str):
+            self.creds = Credentials(self.creds.username, self.creds.password, token)
+
+    def _background(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def logout(self) -> None:
+        """Revoke this connection's token on the server and leave (the server
+        closes with 1000); unfinished requests still run there."""
+        self._closing = True
+        if self.ws is not None:
+            with contextlib.suppress(ConnectionClosed):
+                await self.ws.send(orjson.dumps({"type": "logout"}).decode())
+                await self.ws.wait_closed()
+        self.creds = Credentials(self.creds.username, None, None)
+
     async def _send_loop(self, ws: ClientConnection) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -302,6 +330,9 @@ class Runner:
 
     def _handle(self, frame: dict[str, Any], raw: bytes) -> None:
         kind = frame.get("type")
+        if kind in ("token_expiring", "token"):
+            self._renew(frame)
+            return
         rid = frame.get("id")
         request = self.by_id.get(rid) if isinstance(rid, str) else None
         seq = frame.get("seq")
@@ -555,6 +586,7 @@ def _stdin_lines(loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[str | Non
 HELP = """op {json}            submit, e.g. echo {"x": 1}; or {"op":..,"args":..,"id":..}
 :status [ID]         session status, or one request's state
 :cancel ID           cancel a queued or running request
+:logout              log out (revokes this token everywhere) and leave
 :quit                leave now (unfinished requests still run on the server)
 end of input         wait for unfinished requests, then leave"""
 
@@ -610,6 +642,10 @@ async def _interact(runner: Runner, timeout: float) -> int:
             rest = rest.strip()
             if word in QUIT:
                 await runner.close()
+                return
+            if word == ":logout":
+                await runner.logout()
+                output.show("logged out")
                 return
             if word in (":help", ":h", "help"):
                 output.show(HELP)

@@ -58,6 +58,8 @@ __all__ = [
     "Cancel",
     "ClientFrame",
     "Login",
+    "Logout",
+    "Refresh",
     "Register",
     "Resume",
     "Status",
@@ -70,6 +72,8 @@ __all__ = [
     "encode_result",
     "encode_resumed",
     "encode_status",
+    "encode_token",
+    "encode_token_expiring",
     "encode_welcome",
     "error_from",
     "parse",
@@ -146,7 +150,19 @@ class Resume:
     after: int = 0
 
 
-ClientFrame: TypeAlias = Auth | Login | Register | Submit | Cancel | Status | Resume
+@dataclass(frozen=True, slots=True)
+class Refresh:
+    """``{"type":"refresh"}``: a fresh token for the connection's user."""
+
+
+@dataclass(frozen=True, slots=True)
+class Logout:
+    """``{"type":"logout"}``: revoke the connection's token and close."""
+
+
+ClientFrame: TypeAlias = (
+    Auth | Login | Register | Submit | Cancel | Status | Resume | Refresh | Logout
+)
 
 
 # --- parsing -----------------------------------------------------------------
@@ -252,6 +268,10 @@ def _parse_resume(obj: dict[str, Any]) -> Resume:
     return Resume(session, after)
 
 
+_REFRESH: Final = Refresh()
+_LOGOUT: Final = Logout()
+
+
 _PARSERS: Final[dict[str, Callable[[dict[str, Any]], ClientFrame]]] = {
     "submit": _parse_submit,
     "cancel": _parse_cancel,
@@ -260,6 +280,8 @@ _PARSERS: Final[dict[str, Callable[[dict[str, Any]], ClientFrame]]] = {
     "login": _parse_login,
     "register": _parse_register,
     "resume": _parse_resume,
+    "refresh": lambda obj: _REFRESH,
+    "logout": lambda obj: _LOGOUT,
 }
 
 
@@ -443,6 +465,16 @@ def encode_status(
 def encode_resumed(session: str, last_seq: int, pending: int) -> bytes:
     """The first reply to a successful ``resume``."""
     return _dumps({"type": "resumed", "session": session, "last_seq": last_seq, "pending": pending})
+
+
+def encode_token(token: str, expires_at: int) -> bytes:
+    """The reply to ``refresh``: the connection now runs on ``token``."""
+    return _dumps({"type": "token", "token": token, "expires_at": expires_at})
+
+
+def encode_token_expiring(expires_at: int) -> bytes:
+    """Sent once, ``SESSIONQ_TOKEN_NOTICE`` seconds before the token expires."""
+    return _dumps({"type": "token_expiring", "expires_at": expires_at})
 
 
 # --- plain JSON helpers --------------------------------------------------------

@@ -46,6 +46,7 @@ from server.keepalive import keepalive
 from server.lifetime import end_with_parent
 from server.ports import Carrier
 from server.replay import REPLAY_PAGE, replay
+from server.revocation import LiveTokens
 from server.routes import Routes, metrics_only
 from server.session import Session
 from server.settings import Settings
@@ -81,6 +82,9 @@ class Server:
         )
         self.routes = Routes(settings, self.store, self.broker, lambda: self.stopping)
         self.open_sockets: set[SQConnection] = set()
+        # Authenticated connections by user, closed when their token is revoked.
+        self.live = LiveTokens(self.broker.send_control)
+        self.directory.on_revoke = self.live.on_message
         self.cpu_pool: Executor | None = None
         self.stopping = False
         self.ws_server: WSServer | None = None
@@ -117,6 +121,7 @@ class Server:
             login_failures=settings.login_failures, login_window=settings.login_window,
             bcrypt_rounds=settings.bcrypt_rounds,
             register_per_minute=settings.register_per_minute,
+            issuer=settings.jwt_issuer, audience=settings.jwt_audience,
         )  # fmt: skip
         if self.registry.get("echo") is None:
             register_builtins(self.registry)

@@ -12,8 +12,16 @@
   answered ``invalid_credentials`` at once, before any limiter or store work,
   and the reply never echoes it (PROTOCOL.md, "Client addresses"): such names
   never become limiter keys, so they cost nothing to remember.
-* Tokens carry ``sub``, ``iat``, ``exp``, ``jti``; verification pins the
-  algorithm, so ``alg: none`` and tokens signed with another key are refused.
+* Tokens carry ``sub``, ``iat``, ``exp``, ``jti``, ``iss``, ``aud`` and
+  ``ver`` (the user's token version); verification pins the algorithm, so
+  ``alg: none`` and tokens signed with another key are refused, and requires
+  the configured issuer and audience.
+* Every token authentication (handshake, ``auth``, ``refresh``) reads the
+  user's revocation state in one store read (:meth:`Store.token_state`): a
+  deleted or disabled user, a ``ver`` that is not the user's version (passwd,
+  disable, delete revoked it) or a revoked ``jti`` (logout) is
+  ``invalid_token``. Nothing is cached, so a revocation holds everywhere at
+  once.
 * Failed logins are counted per username and per client address in a sliding
   window; only login is held back by them (PROTOCOL.md). Registrations are
   counted per client address (``register_per_minute``, 0 = unlimited).
@@ -28,13 +36,13 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import bcrypt
 import jwt
 
 from protocol import ErrorCode, valid_username, weak_password
-from server.store import Store, UserExists
+from server.store import Store, TokenState, UserExists
 
 ALGORITHM = "HS256"
 BCRYPT_ROUNDS = 12
@@ -56,8 +64,10 @@ class AuthError(Exception):
 @dataclass(frozen=True, slots=True)
 class Identity:
     username: str
-    token: str
-    expires_at: int
+    token: str = field(repr=False)  # a secret: never in a repr, so never in a log line
+    expires_at: int = 0
+    jti: str = ""
+    version: int = 0  # the user's token version the token was issued under
 
 
 class FailureLimiter:
@@ -134,12 +144,16 @@ class Authenticator:
         register_per_minute: int = 20,
         hash_concurrency: int = HASH_CONCURRENCY,
         limiter_max_keys: int = LIMITER_MAX_KEYS,
+        issuer: str = "sessionq",
+        audience: str = "sessionq",
     ) -> None:
         if register_per_minute < 0 or hash_concurrency < 1:
             raise ValueError("register_per_minute must be >= 0 and hash_concurrency >= 1")
         self.store = store
         self.secret = secret
         self.token_ttl = token_ttl
+        self.issuer = issuer
+        self.audience = audience
         self.rounds = bcrypt_rounds
         self.by_user = FailureLimiter(login_failures, login_window, limiter_max_keys)
         self.by_addr = FailureLimiter(login_failures * 4, login_window, limiter_max_keys)
@@ -155,37 +169,62 @@ class Authenticator:
         self._dummy_hash = hash_password_sync("dummy-password-for-timing", bcrypt_rounds)
 
     # -- tokens --------------------------------------------------------------
-    def issue(self, username: str, now: float | None = None) -> Identity:
+    def issue(
+        self, username: str, version: int = 0, now: float | None = None, after: int = 0
+    ) -> Identity:
+        """A token for ``username`` under token ``version``, expiring after
+        ``after`` (a refresh never hands out a token that ends sooner)."""
         issued = int(now if now is not None else time.time())
-        expires = issued + self.token_ttl
-        claims = {"sub": username, "iat": issued, "exp": expires, "jti": uuid.uuid4().hex}
+        expires = max(issued + self.token_ttl, after + 1)
+        jti = uuid.uuid4().hex
+        claims = {
+            "sub": username, "iat": issued, "exp": expires, "jti": jti,
+            "iss": self.issuer, "aud": self.audience, "ver": version,
+        }  # fmt: skip
         token = jwt.encode(claims, self.secret, algorithm=ALGORITHM)
-        return Identity(username, token, expires)
+        return Identity(username, token, expires, jti, version)
 
     def verify(self, token: str) -> Identity:
-        """Check signature, algorithm and expiry; raise AuthError otherwise."""
+        """Check signature, algorithm, issuer, audience and expiry; raise
+        AuthError otherwise. No store work: see :meth:`authenticate_token`."""
         try:
             claims = jwt.decode(
                 token,
                 self.secret,
                 algorithms=[ALGORITHM],
-                options={"require": ["sub", "iat", "exp", "jti"]},
+                issuer=self.issuer,
+                audience=self.audience,
+                options={"require": ["sub", "iat", "exp", "jti", "iss", "aud"]},
             )
         except jwt.ExpiredSignatureError:
             raise AuthError(ErrorCode.TOKEN_EXPIRED, "token has expired") from None
         except jwt.InvalidTokenError:
             raise AuthError(ErrorCode.INVALID_TOKEN, "token is not valid") from None
-        sub = claims.get("sub")
+        sub, jti, version = claims.get("sub"), claims.get("jti"), claims.get("ver", 0)
         if not isinstance(sub, str) or not sub:
             raise AuthError(ErrorCode.INVALID_TOKEN, "token has no subject")
-        return Identity(sub, token, int(claims["exp"]))
+        if not isinstance(jti, str) or type(version) is not int:
+            raise AuthError(ErrorCode.INVALID_TOKEN, "token is not valid")
+        return Identity(sub, token, int(claims["exp"]), jti, version)
 
     async def authenticate_token(self, token: str) -> Identity:
+        """Verify ``token`` and check it against the store's revocation state
+        (one read). Raises AuthError, or StoreError when the store fails."""
         identity = self.verify(token)
-        # A deleted user's token stops working even before it expires.
-        if await self.store.get_user(identity.username) is None:
+        state = await self.store.token_state(identity.username, identity.jti)
+        if not _token_valid(identity, state):
             raise AuthError(ErrorCode.INVALID_TOKEN, "token is not valid")
         return identity
+
+    async def refresh(self, current: Identity) -> Identity:
+        """A fresh token (new ``jti``, later ``exp``) for the user of
+        ``current``, which must still be valid: no password needed."""
+        identity = await self.authenticate_token(current.token)
+        return self.issue(identity.username, identity.version, after=identity.expires_at)
+
+    async def logout(self, identity: Identity) -> None:
+        """Revoke ``identity``'s token (by jti) until it would have expired."""
+        await self.store.revoke_token(identity.jti, identity.expires_at, time.time())
 
     # -- passwords -----------------------------------------------------------
     async def hash_password(self, password: str) -> bytes:
@@ -196,9 +235,17 @@ class Authenticator:
         if not valid_username(username):
             # No such user can exist: no limiter key, no store read, no hash.
             raise AuthError(ErrorCode.INVALID_CREDENTIALS, "unknown user or wrong password")
-        user_key = username.lower()
+        # Failures count per (username, client address) and per address: a
+        # flood of wrong passwords for a name from one address locks out that
+        # address, never the user logging in correctly from another one.
+        # Guessing one name from many addresses is bounded by each address's
+        # own limit (docs/operations.md, "Security").
+        user_key = f"{username.lower()}@{address}"
         self._refuse_if_limited(user_key, address)
         user = await self.store.get_user(username)
+        state = await self.store.token_state(username) if user is not None else None
+        if state is not None and state.disabled:
+            user = None  # a disabled user's login fails like a wrong password
         stored = user.password_hash if user is not None else self._dummy_hash
         async with self._checking:
             # Again: failures recorded while this login waited count too, so
@@ -211,7 +258,7 @@ class Authenticator:
             self.by_addr.record(address, now)
             raise AuthError(ErrorCode.INVALID_CREDENTIALS, "unknown user or wrong password")
         self.by_user.clear(user_key)
-        return self.issue(user.username)
+        return self.issue(user.username, state.version if state is not None else 0)
 
     def _refuse_if_limited(self, user_key: str, address: str) -> None:
         now = time.monotonic()
@@ -256,7 +303,20 @@ class Authenticator:
             user = await self.store.create_user(username, await self.hash_password(password))
         except UserExists:
             raise AuthError(ErrorCode.USER_EXISTS, "that username is taken") from None
-        return self.issue(user.username)
+        # A name registered before and deleted keeps its version: start above it.
+        state = await self.store.token_state(user.username)
+        return self.issue(user.username, state.version if state is not None else 0)
+
+
+def _token_valid(identity: Identity, state: TokenState | None) -> bool:
+    """A token holds while its user exists and is enabled, its version is the
+    user's, and its jti was not revoked."""
+    return (
+        state is not None
+        and not state.disabled
+        and state.version == identity.version
+        and not state.jti_revoked
+    )
 
 
 def _seconds(wait: float) -> float:

@@ -285,8 +285,10 @@ class Broker:
                     auto_delete=True,
                     arguments={"x-max-length": max_length, "x-overflow": "reject-publish"},
                 )
-        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
-            raise BrokerError(f"queue declare failed: {exc}") from exc
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError) as exc:
+            # RuntimeError: aiormq's ChannelInvalidStateError, for an RPC on a
+            # channel that closed (broker lost, or an earlier RPC timed out).
+            raise BrokerError(f"queue declare failed: {exc!r}") from exc
 
     async def delete_queue(self, channel: Channel, name: str) -> None:
         if channel.raw.is_closed:
@@ -294,8 +296,8 @@ class Broker:
         try:
             async with asyncio.timeout(self.publish_timeout):
                 await channel.raw.queue_delete(name)
-        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError) as exc:
-            logger.debug("queue delete {}: {!r}", name, exc)
+        except (aiormq.exceptions.AMQPError, ConnectionError, TimeoutError, RuntimeError) as exc:
+            logger.debug("queue delete {}: {!r}", name, exc)  # it goes with its channel
 
     async def publish(self, channel: Channel, queue: str, body: bytes) -> None:
         """Publish one message and wait for its confirm (bounded).

@@ -2,6 +2,8 @@
 
     sessionq serve [--host H] [--port P] [--workers N] ...   run the server
     sessionq user add NAME [--password-stdin]                 create a user
+    sessionq user passwd NAME [--password-stdin]              new password; old tokens revoked
+    sessionq user disable|enable|delete NAME                  lock out / let in / remove a user
     sessionq dead-letters [--limit N]                         list failed requests
     sessionq client ...                                        terminal client
     sessionq bench ...                                         load generator
@@ -56,6 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
     add.add_argument("name")
     add.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     add.add_argument("--store-url", default=None, help="(env SESSIONQ_STORE_URL)")
+    _add_user_admin(user_sub)
 
     dead = sub.add_parser("dead-letters", help="list requests that ended with an error")
     dead.add_argument("--limit", type=int, default=50)
@@ -83,6 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return serve(args)
         if args.command == "user":
+            if args.user_command != "add":
+                return asyncio.run(user_admin(args))
             return asyncio.run(user_add(args))
         if args.command == "dead-letters":
             return asyncio.run(dead_letters(args))
@@ -216,7 +221,7 @@ async def _serve(settings: Settings) -> int:
 
 
 async def user_add(args: argparse.Namespace) -> int:
-    from protocol import valid_username, weak_password
+    from protocol import valid_username
     from server.auth import hash_password_sync
     from server.store import UserExists, open_store
 
@@ -224,16 +229,8 @@ async def user_add(args: argparse.Namespace) -> int:
     if not valid_username(args.name):
         print("sessionq: username must be 1..64 characters of A-Z a-z 0-9 _ . -", file=sys.stderr)
         return 2
-    if args.password_stdin or not sys.stdin.isatty():
-        password = sys.stdin.readline().rstrip("\n")
-    else:
-        password = getpass.getpass("password: ")
-        if getpass.getpass("again: ") != password:
-            print("sessionq: passwords differ", file=sys.stderr)
-            return 2
-    if weak_password(args.name, password):
-        print("sessionq: password must be at least 8 characters and differ from the username",
-              file=sys.stderr)  # fmt: skip
+    password = _read_password(args)
+    if password is None:
         return 2
     store = open_store(settings.store_url)
     await store.open()
@@ -246,6 +243,96 @@ async def user_add(args: argparse.Namespace) -> int:
     finally:
         await store.close()
     print(f"created user {args.name}")
+    return 0
+
+
+def _read_password(args: argparse.Namespace) -> str | None:
+    """The new password from stdin or a prompt (never an argument: argv is
+    visible to every user of the machine); None, with the reason printed,
+    if it cannot be used."""
+    from protocol import weak_password
+
+    if args.password_stdin or not sys.stdin.isatty():
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("password: ")
+        if getpass.getpass("again: ") != password:
+            print("sessionq: passwords differ", file=sys.stderr)
+            return None
+    if weak_password(args.name, password):
+        print("sessionq: password must be at least 8 characters and differ from the username",
+              file=sys.stderr)  # fmt: skip
+        return None
+    return password
+
+
+# -- identity: passwd, disable, enable, delete ------------------------------------
+USER_ADMIN = {
+    "passwd": "set a new password (prompt or stdin); every earlier token is revoked",
+    "disable": "lock a user out: login refused, tokens revoked, connections closed",
+    "enable": "let a disabled user log in again (revoked tokens stay revoked)",
+    "delete": "remove a user with its sessions' results and key-value data",
+}
+
+
+def _add_user_admin(user_sub: Any) -> None:
+    for name, text in USER_ADMIN.items():
+        cmd = user_sub.add_parser(name, help=text, description=text)
+        cmd.add_argument("name")
+        if name == "passwd":
+            cmd.add_argument(
+                "--password-stdin", action="store_true", help="read the password from stdin"
+            )
+        cmd.add_argument("--store-url", default=None, help="(env SESSIONQ_STORE_URL)")
+        cmd.add_argument("--broker-url", default=None, help="(env SESSIONQ_BROKER_URL)")
+
+
+async def user_admin(args: argparse.Namespace) -> int:
+    """passwd, disable, enable, delete: change the store, then tell every
+    server process to close the user's live connections (4401)."""
+    from server.auth import hash_password_sync
+    from server.revocation import announce_to_servers, revocation_message
+    from server.store import open_store
+
+    settings = Settings.from_env(store_url=args.store_url, broker_url=args.broker_url)
+    command, name = args.user_command, args.name
+    hashed = None
+    if command == "passwd":
+        password = _read_password(args)
+        if password is None:
+            return 2
+        hashed = await asyncio.to_thread(hash_password_sync, password, settings.bcrypt_rounds)
+    store = open_store(settings.store_url)
+    await store.open()
+    try:
+        if command == "passwd":
+            assert hashed is not None
+            version = await store.set_password(name, hashed)
+        elif command == "disable":
+            version = await store.set_disabled(name, True)
+        elif command == "enable":
+            version = await store.set_disabled(name, False)
+        else:
+            version = await store.delete_user(name)
+    finally:
+        await store.close()
+    if version is None:
+        print(f"sessionq: no user {name!r}", file=sys.stderr)
+        return 1
+    done = {"passwd": "changed the password of", "disable": "disabled", "enable": "enabled",
+            "delete": "deleted"}[command]  # fmt: skip
+    print(f"{done} user {name}")
+    if command == "enable":
+        return 0
+    try:
+        await announce_to_servers(settings.broker_url, revocation_message(name, version=version))
+    except Exception as exc:
+        print(
+            f"sessionq: its tokens are revoked, but the servers could not be told to close"
+            f" its live connections now ({exc}); they close at their next token check or expiry",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

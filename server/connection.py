@@ -17,7 +17,6 @@ a write.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
@@ -33,21 +32,27 @@ from protocol import (
     CloseCode,
     ErrorCode,
     Login,
+    Logout,
     ProtocolError,
+    Refresh,
     Register,
     Resume,
     Status,
     Submit,
     encode_error,
+    encode_token,
+    encode_token_expiring,
     encode_welcome,
     error_from,
     parse,
 )
 from server import metrics
+from server.addresses import client_address
 from server.auth import AuthError, Identity
 from server.errors import SessionUnavailable, error_frame
 from server.outbox import Outbox
 from server.store import BudgetExceeded, StoreError
+from server.token_timers import TokenTimers
 
 if TYPE_CHECKING:
     from server.ports import ConnectionHost
@@ -124,6 +129,8 @@ class Connection:
         self.session: Session | None = None
         self.identity: Identity | None = None
         self.address = str(ws.remote_address[0]) if ws.remote_address else "?"
+        # What the login and registration limits key on (PROTOCOL.md, "Client addresses").
+        self.client_address = client_address(ws, self.address, self.settings.trusted_proxies)
         self.outbox = Outbox(
             ws,
             limit_bytes=max(4 * self.settings.max_message_bytes, 8 << 20),
@@ -131,7 +138,9 @@ class Connection:
             on_slow=lambda: self.close(CloseCode.SLOW_CONSUMER, "client is not reading"),
         )
         self._closing: asyncio.Task[None] | None = None
-        self._expiry: asyncio.TimerHandle | None = None
+        self._timers = TokenTimers(
+            self.settings.token_notice, self.settings.token_ttl, self._expiring, self._expired
+        )
         self.log = logger.bind(peer=self.address)
 
     def close(self, code: int, reason: str) -> None:
@@ -161,6 +170,9 @@ class Connection:
             slot = True
             self.identity = identity
             self.log = self.log.bind(user=identity.username)
+            if not self.server.live.add(self):
+                await self.close_now(CloseCode.UNAUTHORIZED, "token revoked")
+                return
             try:
                 session = await self.server.new_session(identity.username)
             except BudgetExceeded as exc:
@@ -177,8 +189,8 @@ class Connection:
             self.log.exception("connection failed")
             await self.close_now(CloseCode.INTERNAL, "internal error")
         finally:
-            if self._expiry is not None:
-                self._expiry.cancel()
+            self._timers.cancel()
+            self.server.live.discard(self)
             left = self.session
             if left is not None:
                 left.detach(self.outbox)
@@ -216,6 +228,8 @@ class Connection:
                         metrics.auth_total.labels("handshake", exc.code.value).inc()
                         failures += 1
                         self._auth_error(exc)
+                    except StoreError as exc:
+                        self._store_error(exc)
                 while True:
                     try:
                         frame = await self.ws.receive_frame()
@@ -228,13 +242,13 @@ class Connection:
                             identity = await auth.authenticate_token(frame.token)
                         elif isinstance(frame, Login):
                             identity = await auth.login(
-                                frame.username, frame.password, self.address
+                                frame.username, frame.password, self.client_address
                             )
                         elif isinstance(frame, Register):
                             if not self.settings.registration_open:
                                 raise AuthError(ErrorCode.UNAUTHORIZED, "registration is closed")
                             identity = await auth.register(
-                                frame.username, frame.password, self.address
+                                frame.username, frame.password, self.client_address
                             )
                         else:
                             self.outbox.push(_unauthorized(frame))
@@ -250,8 +264,7 @@ class Connection:
                             return None
                         continue
                     except StoreError as exc:
-                        self.log.warning("auth store error: {}", exc)
-                        self.outbox.push(error_frame(exc))
+                        self._store_error(exc)
                         continue
                     metrics.auth_total.labels(type(frame).__name__.lower(), "ok").inc()
                     return identity
@@ -262,11 +275,20 @@ class Connection:
     def _auth_error(self, exc: AuthError) -> None:
         self.outbox.push(error_frame(exc))
 
+    def _store_error(self, exc: StoreError) -> None:
+        """The store failed while a token or password was checked: the client
+        gets ``unavailable`` and may try again. The log line names the
+        store's failure only, never what the client sent."""
+        self.log.warning("auth store error: {}", exc)
+        self.outbox.push(error_frame(exc))
+
     def _schedule_expiry(self, identity: Identity) -> None:
-        if self._expiry is not None:
-            self._expiry.cancel()
-        delay = max(0.0, identity.expires_at - time.time())
-        self._expiry = asyncio.get_running_loop().call_later(delay, self._expired)
+        """``token_expiring`` before the token's expiry, then the close at it
+        (server.token_timers)."""
+        self._timers.start(identity.expires_at)
+
+    def _expiring(self, expires_at: int) -> None:
+        self.outbox.push(encode_token_expiring(expires_at))
 
     def _expired(self) -> None:
         self.outbox.push(
@@ -311,6 +333,13 @@ class Connection:
             elif isinstance(frame, Auth):
                 frames_in.labels("auth").inc()
                 await self._refresh(frame)
+            elif isinstance(frame, Refresh):
+                frames_in.labels("refresh").inc()
+                await self._renew()
+            elif isinstance(frame, Logout):
+                frames_in.labels("logout").inc()
+                if await self._logout():
+                    return
             else:  # login / register on an authenticated connection
                 self.outbox.push(encode_error(
                     ErrorCode.BAD_REQUEST, "already authenticated; send auth to refresh the token"
@@ -323,12 +352,59 @@ class Connection:
         except AuthError as exc:
             self._auth_error(exc)
             return
-        if identity.username != self.identity.username:
+        except StoreError as exc:
+            self._store_error(exc)
+            return
+        if identity.username.lower() != self.identity.username.lower():
             self.outbox.push(encode_error(ErrorCode.INVALID_TOKEN, "token is for another user"))
             return
+        if self._run_on(identity):
+            self.outbox.push(self._welcome(identity, self.session.session_id))
+
+    def _run_on(self, identity: Identity) -> bool:
+        """From now on the connection runs on ``identity``'s token: its expiry,
+        and the revocations that close it. False (and closing) if a
+        revocation that covers the token arrived while it was being checked."""
+        self.server.live.discard(self)
         self.identity = identity
+        if not self.server.live.add(self):
+            self.close(CloseCode.UNAUTHORIZED, "token revoked")
+            return False
         self._schedule_expiry(identity)
-        self.outbox.push(self._welcome(identity, self.session.session_id))
+        return True
+
+    async def _renew(self) -> None:
+        """``refresh``: a fresh token for the connection's user, checked
+        against revocation like any token authentication."""
+        assert self.identity is not None
+        try:
+            identity = await self.server.auth.refresh(self.identity)
+        except AuthError as exc:
+            self._auth_error(exc)
+            return
+        except StoreError as exc:
+            self._store_error(exc)
+            return
+        if self._run_on(identity):
+            self.outbox.push(encode_token(identity.token, identity.expires_at))
+
+    async def _logout(self) -> bool:
+        """``logout``: revoke this connection's token everywhere and close with
+        1000. Returns False (the connection stays) if the store failed."""
+        assert self.identity is not None
+        identity = self.identity
+        try:
+            await self.server.auth.logout(identity)
+        except StoreError as exc:
+            self._store_error(exc)
+            return False
+        self._timers.cancel()
+        self.server.live.discard(self)
+        self.log.info("logged out")
+        self.close(CloseCode.NORMAL, "logged out")
+        # Other connections on the same token, here and in every other process.
+        await self.server.live.announce(identity.username, jti=identity.jti)
+        return True
 
     async def _resume(self, frame: Resume) -> None:
         """Answer ``resume``; a session that cannot be taken gets ``not_found``

@@ -55,6 +55,10 @@ class SessionDirectory:
     they are final.
     """
 
+    #: Receives the payload of each ``{"revoke": ...}`` control message
+    #: (server.revocation); set by the server.
+    on_revoke: Callable[[Any], None] | None = None
+
     def __init__(
         self,
         settings: Settings,
@@ -107,6 +111,20 @@ class SessionDirectory:
         self.sessions[session_id] = session
         return session
 
+    @contextlib.asynccontextmanager
+    async def _undone_on_failure(self, session: Session) -> AsyncIterator[None]:
+        """A session that failed to start here (the store or the broker failed
+        while it was taken up) leaves this process again: released, its work
+        left in the store for the next claim, instead of staying in the
+        directory with no queue, no consumer and no connection."""
+        try:
+            yield
+        except BaseException:
+            session.log.warning("session could not be started here; released")
+            await session.stop(0)
+            self._session_closed(session)
+            raise
+
     def _session_closed(self, session: Session) -> None:
         if self.sessions.get(session.session_id) is session:
             del self.sessions[session.session_id]
@@ -135,7 +153,8 @@ class SessionDirectory:
         )  # fmt: skip
         session = self._make_session(session_id, username, record.epoch, 0)
         session.log.info("session opened")
-        await session.start()
+        async with self._undone_on_failure(session):
+            await session.start()
         return session
 
     async def take_session(self, session_id: str, username: str, carrier: Carrier) -> Session:
@@ -192,7 +211,8 @@ class SessionDirectory:
         session = self._make_session(session_id, record.username, epoch, record.last_seq)
         metrics.takeover("resume")
         session.log.info("session taken over for a resume (epoch {})", epoch)
-        await session.take_up()
+        async with self._undone_on_failure(session):
+            await session.take_up()
         return session
 
     # -- claims ------------------------------------------------------------------------
@@ -289,7 +309,8 @@ class SessionDirectory:
             session_id, record.username, epoch, record.last_seq, attached=False
         )
         metrics.takeover("adopt")
-        work = await session.take_up()
+        async with self._undone_on_failure(session):
+            work = await session.take_up()
         if not session.unfinished:
             session.detach(None)
         logger.bind(session=session_id).info("adopted orphaned session: {} to run", work)
@@ -297,9 +318,14 @@ class SessionDirectory:
     # -- the broker's side: control messages and recovery ------------------------------
     def on_control(self, body: bytes) -> None:
         """A message on the control exchange: another process asks us to let a
-        session go because its client resumed there."""
+        session go because its client resumed there, or a token was revoked
+        (``{"revoke": ...}``, handed to ``on_revoke``)."""
         try:
             message = decode_json(body)
+            if isinstance(message, dict) and "revoke" in message:
+                if self.on_revoke is not None:
+                    self.on_revoke(message["revoke"])
+                return
             session_id, by = message["release"], message["by"]
         except (ValueError, KeyError, TypeError):
             logger.warning("ignoring a malformed control message")

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Protocol
 if TYPE_CHECKING:
     from server.auth import Authenticator
     from server.outbox import Outbox
+    from server.revocation import LiveTokens
     from server.session import Session
     from server.settings import Settings
 
@@ -35,6 +36,10 @@ class ConnectionHost(Protocol):
 
     @property
     def auth(self) -> Authenticator: ...
+
+    @property
+    def live(self) -> LiveTokens:
+        """The authenticated connections that revocations close."""
 
     @property
     def stopping(self) -> bool:

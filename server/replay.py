@@ -33,10 +33,13 @@ async def replay(store: Store, session: Session, carrier: Carrier, after: int) -
     # Every accepted request has a row (stored before `accepted`) until
     # retention purges it: fewer rows than seqs means some results are gone.
     last = session.last_seq
-    if after < last and await store.count_requests(sid, after, last) < last - after:
+    try:
+        if after < last and await store.count_requests(sid, after, last) < last - after:
+            raise SessionExpired(sid)
+    except BaseException:  # expired, or the store failed: nothing was sent
         if session.outbox is None and session is not carrier.session:
             session.detach(None)  # taken for this resume, carried by no one: drain
-        raise SessionExpired(sid)
+        raise
     outbox = carrier.outbox
     outbox.hold()
     previous = carrier.session

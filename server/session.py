@@ -278,12 +278,14 @@ class Session:
         self.core.closed_now()
         self._stop_tasks()
         name, self.queue_name = self.queue_name, None
-        if name is not None and self.channel is not None:
-            # auto-delete removes it once the consumer is gone; make sure
-            await self.broker.delete_queue(self.channel, name)
-        await self._release()
-        if self.on_closed is not None:
-            self.on_closed(self)
+        try:
+            if name is not None and self.channel is not None:
+                # auto-delete removes it once the consumer is gone; make sure
+                await self.broker.delete_queue(self.channel, name)
+        finally:  # whatever the broker did, the session leaves this process
+            await self._release()
+            if self.on_closed is not None:
+                self.on_closed(self)
 
     async def stop(self, grace: float) -> None:
         """Shutdown: finish the running request within ``grace``, start no more,
@@ -381,7 +383,8 @@ class Session:
     # -- client requests ---------------------------------------------------------------
     def submit(self, frame: Submit) -> None:
         """Check a submit and queue it for the pump, or refuse it at once."""
-        ready = self.consumer is not None and self.broker.connected
+        consumer = self.consumer
+        ready = consumer is not None and not consumer.ended and self.broker.connected
         commands = self.core.submit(frame, now=time.monotonic, broker_ready=ready)
         if commands:
             self.run(commands)

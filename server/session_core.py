@@ -91,6 +91,7 @@ BEGIN_CLOSE: Final = _Signal("begin close")  # drained: stop the consumer, relea
 
 Command = Send | SendAll | Refuse | _Signal
 _START: Final = (START_PUMP,)
+_TAKING: Final = frozenset({SessionState.OPEN, SessionState.DRAINING})  # submits go in
 _CLOSE: Final = (BEGIN_CLOSE,)
 _NOTHING: Final[tuple[Command, ...]] = ()
 
@@ -232,7 +233,7 @@ class SessionCore:
     def should_finish_close(self) -> bool:
         """After its consumer stopped: close for good, or call the close off
         (a resume attached the session meanwhile, or work arrived)."""
-        return self.state is SessionState.CLOSING and not self.attached and not self.unfinished
+        return self.state is SessionState.CLOSING and not self.attached and self.idle()
 
     def closed_now(self) -> None:
         """Released, handed over, fenced or shut down: nothing runs here now."""
@@ -272,7 +273,9 @@ class SessionCore:
             return (Refuse(ErrorCode.QUEUE_FULL, message, rid),)
         if self.max_submits_per_second > 0 and not self._rate_ok(now()):
             return (Refuse(ErrorCode.RATE_LIMITED, "too many submits per second", rid),)
-        if not broker_ready or self.closed:
+        if not broker_ready or self.state not in _TAKING:
+            # No live queue to publish into: the broker is away, or the
+            # session is being recovered or closed.
             return (Refuse(ErrorCode.UNAVAILABLE, "the broker is unreachable; retry", rid),)
         try:
             args_json = encode_json(frame.args).decode()
@@ -403,7 +406,8 @@ class SessionCore:
         """Second step: ``seq`` is the id's unfinished seq (from this session
         or the store), None if it has none."""
         if seq is None or seq not in self.unfinished or seq in self.cancels:
-            reply = Refuse(ErrorCode.NOT_FOUND, f"no unfinished request {rid!r}", rid)
+            # An answer to a cancel, not a refused submit (not counted as one).
+            reply = Send(encode_error(ErrorCode.NOT_FOUND, f"no unfinished request {rid!r}", rid))
             return CancelTarget(reply=reply)
         return CancelTarget(seq=seq)
 

@@ -138,7 +138,12 @@ class Recovery:
             s.core.recovering()
             try:
                 await self._recover()
-            except (StoreError, BrokerError):
+            except Exception as exc:
+                # Store or broker down, or anything unforeseen: the repair
+                # loop tries again; a session never stays `recovering` with
+                # nothing to move it on.
+                if not isinstance(exc, StoreError | BrokerError):
+                    s.log.opt(exception=exc).warning("session recovery failed")
                 if not repair:
                     self._schedule_repair(s.consumer)
                 # Nothing to carry and no one to carry it to: close anyway.

@@ -9,6 +9,7 @@ stops the start with a message naming the variable.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import os
 import secrets
 from collections.abc import Callable, Mapping
@@ -84,6 +85,12 @@ class Settings:
     keepalive: float = 20.0
     register_per_minute: int = 20
     cpu_slots_per_user: int = 1
+    # -- identity: token lifecycle and client addresses
+    token_notice: int = 60  # seconds before expiry for token_expiring
+    jwt_issuer: str = "sessionq"
+    jwt_audience: str = "sessionq"
+    # Peers (addresses or CIDR ranges) whose X-Forwarded-For names the client.
+    trusted_proxies: tuple[str, ...] = ()
     # Per-user budgets, across every process and replica on one store.
     max_sessions_per_user: int = 20  # open or draining sessions (4429 beyond)
     max_pending_per_user: int = 5000  # unfinished requests, all sessions (queue_full)
@@ -212,6 +219,16 @@ class Settings:
             # crash (docs/protocol.md, "Delivery guarantee"). With one attempt
             # that would end it `crashed` although it never crashed.
             raise bad("max_attempts", "must be at least 2")
+        if self.token_notice < 0:
+            raise bad("token_notice", "must not be negative (0 = no notice)")
+        for name in ("jwt_issuer", "jwt_audience"):
+            if not getattr(self, name).strip():
+                raise bad(name, "must not be empty")
+        for entry in self.trusted_proxies:
+            try:
+                ipaddress.ip_network(entry, strict=False)
+            except ValueError:
+                raise bad("trusted_proxies", f"{entry!r} is not an address or CIDR range") from None
         if self.amqp_channels > 2000:
             raise bad("amqp_channels", "RabbitMQ allows 2047 channels per connection")
 
@@ -264,6 +281,7 @@ _CONVERTERS: dict[str, Callable[[str], Any]] = {
     "ops": _csv,
     "open_registration": _bool,
     "compression": _bool,
+    "trusted_proxies": _csv,
 }
 
 

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import websockets
 from conftest import PASSWORD, ServerFactory, unique_name
 from playwright.async_api import Browser, ConsoleMessage, Page, async_playwright
 
@@ -270,4 +271,50 @@ async def test_page_is_served_with_csp_and_loads_cleanly(
     assert statuses.get(f"{base}/static/app.js") == 200, statuses
     assert statuses.get(f"{base}/static/style.css") == 200, statuses
     assert all(status < 400 for status in statuses.values()), statuses
+    assert not problems.items, problems.items
+
+
+# -- identity: the page stays signed in and logs out ------------------------------
+async def test_page_refreshes_its_token_and_logs_out(
+    server_factory: ServerFactory, browser: Browser
+) -> None:
+    short = await server_factory(token_ttl=3, token_notice=2)
+    page, problems = await new_page(browser)
+    await page.goto(f"http://127.0.0.1:{short.port}/")
+    await page.fill("#username", unique_name("browser"))
+    await page.fill("#password", PASSWORD)
+    await page.click("#register")
+    await wait_for(page, "() => document.getElementById('conn-state').textContent === 'open'"
+                         " && document.getElementById('auth').hidden")  # fmt: skip
+    await page.evaluate(OBSERVE_JS, list(FINAL_STATES))
+    first_token = await page.evaluate("sessionStorage.getItem('sessionq.token')")
+    first_expiry = float(await page.evaluate("sessionStorage.getItem('sessionq.expires_at')"))
+    # token_expiring -> refresh -> token: the stored token moves on, and the tab
+    # is still signed in after the first token's expiry.
+    await wait_for(
+        page,
+        "(first) => sessionStorage.getItem('sessionq.token') !== first",
+        first_token,
+    )
+    await wait_for(page, "(at) => Date.now() / 1000 > at + 0.5", first_expiry)
+    await submit(page, "echo", {"still": "signed in"})
+    await wait_for(page, ALL_FINAL_JS, [1, FINAL_STATES])
+    assert [r["state"] for r in await rows(page)] == ["result"]
+    conn = await page.evaluate("window.__conn")
+    assert all(c["state"] == "open" for c in conn), f"the tab lost its connection: {conn}"
+    assert first_token not in await text(page, "#log"), "the log shows a whole token"
+
+    # Log out: the server revokes the token (another client cannot use it).
+    current = await page.evaluate("sessionStorage.getItem('sessionq.token')")
+    await page.click("#logout")
+    await wait_for(page, "() => document.getElementById('conn-state').textContent === 'closed'"
+                         " && !document.getElementById('auth').hidden")  # fmt: skip
+    assert await page.evaluate("sessionStorage.getItem('sessionq.token')") is None
+    ws = await websockets.connect(f"ws://127.0.0.1:{short.port}/ws")
+    try:
+        await ws.send(json.dumps({"type": "auth", "token": current}))
+        reply = json.loads(await ws.recv())
+    finally:
+        await ws.close()
+    assert reply["code"] == "invalid_token", reply
     assert not problems.items, problems.items

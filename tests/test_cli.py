@@ -213,3 +213,35 @@ async def test_lost_server_exits_4(server_factory: ServerFactory) -> None:
     _, err = await asyncio.wait_for(proc.communicate(), 3 * UNIT)
     assert proc.returncode == 4, err.decode()
     assert b"not resumed" in err
+
+
+# -- identity: the client stays signed in, logs out, keeps tokens out of URLs --------
+async def test_a_token_only_client_refreshes_before_expiry(
+    server_factory: ServerFactory, user_client: ClientFactory
+) -> None:
+    short = await server_factory(token_ttl=3, token_notice=2)
+    token = (await user_client(target=short)).welcome["token"]
+    # The request outlives the token: without refresh the server closes the
+    # connection at expiry and the expired token cannot sign in again.
+    run = await client("--url", url(short), "submit", "sleep", '{"seconds": 4.5}',
+                       env=cli_env(SESSIONQ_TOKEN=token))  # fmt: skip
+    assert (run.code, run.out) == (0, '{"slept":4.5}\n'), run.err
+    assert "eyJ" not in run.out + run.err  # no token, old or new, is shown
+
+
+async def test_interactive_logout_revokes_the_token(
+    server: Server, connect: ClientFactory, user_client: ClientFactory
+) -> None:
+    token = (await user_client()).welcome["token"]
+    run = await client("--url", url(server), "--interactive", stdin=":logout\n",
+                       env=cli_env(SESSIONQ_TOKEN=token))  # fmt: skip
+    assert run.code == 0, run.err
+    probe = await connect()
+    await probe.send({"type": "auth", "token": token})
+    assert (await probe.recv())["code"] == "invalid_token"
+
+
+async def test_a_token_in_the_url_is_refused(server: Server) -> None:
+    run = await client("--url", url(server) + "?token=abc", "-u", "x", "--password", PASSWORD,
+                       "submit", "echo")  # fmt: skip
+    assert run.code == 2 and "not in the URL" in run.err

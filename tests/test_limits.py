@@ -37,7 +37,7 @@ async def test_token_expiry_closes_with_4401_after_token_expired(
 async def test_fresh_auth_frame_keeps_the_connection(
     server_factory: ServerFactory, user_client: ClientFactory, connect: ClientFactory
 ) -> None:
-    server = await server_factory(token_ttl=2)
+    server = await server_factory(token_ttl=2, token_notice=0)  # no token_expiring frames
     client = await user_client(target=server)
     first_expiry = client.welcome["expires_at"]
     fresh = client.welcome

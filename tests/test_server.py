@@ -95,7 +95,7 @@ async def test_token_authentication_paths(
 async def test_bad_tokens_are_refused(server: Server, connect: ClientFactory) -> None:
     name = (await connect()) and unique_name()
     now = int(time.time())
-    claims = {"sub": name, "iat": now, "jti": "x"}
+    claims = {"sub": name, "iat": now, "jti": "x", "iss": "sessionq", "aud": "sessionq"}
     forged = jwt.encode({**claims, "exp": now + 60}, "another key of enough length 123", "HS256")
     unsigned = jwt.encode({**claims, "exp": now + 60}, None, algorithm="none")
     expired = jwt.encode({**claims, "exp": now - 5}, server.settings.jwt_secret, "HS256")

@@ -873,3 +873,90 @@ async def test_concurrent_adds_never_pass_the_pending_budget(store: Store) -> No
             if ok:
                 await store.finish_requests(sid, 1, [(1, "{}", False), (2, "{}", False)], 2.0)
         assert (await store.usage(user)).pending == (1 if user == "alice" else 0)
+
+
+# -- identity: revocation ------------------------------------------------------------
+async def test_token_state_reads_version_disabled_and_revoked_jti(store: Store) -> None:
+    assert await store.token_state("nobody") is None
+    await store.create_user("Alice", b"hash")
+    state = await store.token_state("ALICE", "j1")
+    assert state is not None
+    assert (state.username, state.version, state.disabled, state.jti_revoked) == (
+        "Alice",
+        0,
+        False,
+        False,
+    )
+    await store.revoke_token("j1", time.time() + 60, time.time())
+    state = await store.token_state("alice", "j1")
+    assert state is not None and state.jti_revoked
+    other = await store.token_state("alice", "j2")
+    assert other is not None and not other.jti_revoked
+
+
+async def test_expired_revocations_are_forgotten(store: Store) -> None:
+    await store.create_user("alice", b"hash")
+    now = time.time()
+    await store.revoke_token("old", now - 10, now - 20)
+    await store.revoke_token("new", now + 60, now)  # forgets entries expired before now
+    old = await store.token_state("alice", "old")
+    assert old is not None and not old.jti_revoked
+    new = await store.token_state("alice", "new")
+    assert new is not None and new.jti_revoked
+
+
+async def test_revoke_disable_and_passwd_raise_the_version(store: Store) -> None:
+    assert await store.revoke_user("nobody") is None
+    assert await store.set_disabled("nobody", True) is None
+    assert await store.set_password("nobody", b"x") is None
+    await store.create_user("alice", b"hash")
+    assert await store.revoke_user("alice") == 1
+    assert await store.set_disabled("ALICE", True) == 2
+    state = await store.token_state("alice")
+    assert state is not None and state.disabled and state.version == 2
+    assert await store.set_disabled("alice", False) == 2  # enabling revives no token
+    state = await store.token_state("alice")
+    assert state is not None and not state.disabled
+    assert await store.set_password("alice", b"new-hash") == 3
+    user = await store.get_user("alice")
+    assert user is not None and user.password_hash == b"new-hash"
+
+
+async def test_delete_user_removes_everything_and_the_name_starts_above(store: Store) -> None:
+    assert await store.delete_user("nobody") is None
+    await store.create_user("alice", b"hash")
+    await store.set_disabled("alice", True)  # version 1
+    await new_session(store, "s1")
+    await store.add_requests("s1", 1, reqs(1), time.time())
+    await store.kv_put("alice", "k", "1")
+    await store.create_user("bob", b"hash")
+    await store.create_session("s2", "bob", "A", lease_until=FAR)
+    await store.kv_put("bob", "k", "2")
+    version = await store.delete_user("ALICE")
+    assert version == 2
+    assert await store.get_user("alice") is None
+    assert await store.token_state("alice") is None
+    assert await store.get_session("s1") is None
+    assert await store.get_request("s1", 1) is None
+    assert await store.kv_get("alice", "k") is None
+    # Someone else's data stays.
+    assert await store.get_session("s2") is not None
+    assert await store.kv_get("bob", "k") == "2"
+    # The name can be registered again: enabled, and above every old token.
+    await store.create_user("Alice", b"other")
+    state = await store.token_state("alice")
+    assert state is not None and state.version == 2 and not state.disabled
+
+
+async def test_deleting_a_user_forgets_its_budget_counters(store: Store) -> None:
+    await store.create_user("alice", b"hash")
+    await store.create_session("s1", "alice", "A", FAR)
+    await store.add_requests("s1", 1, reqs(1, 2), now=1.0, max_pending=10)
+    await store.kv_put("alice", "k", '"v"', max_bytes=10)
+    assert await store.usage("alice") == UserUsage(1, 1, 2, 4)
+    assert await store.delete_user("alice") is not None
+    assert await store.usage("alice") == UserUsage(0, 0, 0, 0)
+    await store.create_user("alice", b"hash")  # the name again starts with nothing used
+    await store.create_session("s2", "alice", "A", FAR)
+    await store.add_requests("s2", 1, reqs(*range(1, 11)), now=1.0, max_pending=10)
+    await store.kv_put("alice", "k", '"' + "x" * 7 + '"', max_bytes=10)

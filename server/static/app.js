@@ -7,6 +7,9 @@
  *   session with `after` = highest seq up to which every request already shows its final.
  * - Submits requests (op + JSON args, optionally N at once) and shows one table row per
  *   client id: seq, state, ahead, latest progress, exactly one final frame, timings.
+ * - Stays signed in while the tab is open: `token_expiring` is answered with `refresh`,
+ *   and the `token` it brings replaces the stored one. "log out" sends `logout`: the
+ *   server revokes the token everywhere and closes with 1000.
  * - Reconnects with jittered exponential backoff (0.5 s doubling to 5 s), except after
  *   4401 (logged out), 4409 (taken over) and 4429 (too many connections). Finals are
  *   de-duplicated by seq; requests sent but not accepted before a drop are resubmitted
@@ -431,6 +434,8 @@
       case 'result': onFinal(f); break;
       case 'error': onError(f); break;
       case 'status': el.statusReply.textContent = describeStatus(f); break;
+      case 'token_expiring': sendFrame({ type: 'refresh' }); break;
+      case 'token': onToken(f); break;
       default: break;
     }
   }
@@ -472,6 +477,15 @@
     }
     updateControls();
     updatePending();
+  }
+
+  /** The answer to `refresh`: this connection (and the next one) runs on it. */
+  function onToken(f) {
+    if (typeof f.token !== 'string') return;
+    S.token = f.token;
+    S.expiresAt = typeof f.expires_at === 'number' ? f.expires_at : null;
+    saveAuth();
+    updateControls();
   }
 
   function onResumed(f) {
@@ -537,9 +551,16 @@
     notice('');
     el.statusReply.textContent = '';
     if (S.ws) {
+      const ws = S.ws;
+      const signedIn = S.authed;
       S.closeIntent = 'logout';
       S.ready = S.authed = false;
-      S.ws.close(1000, 'logout');
+      // Signed in: the server revokes the token everywhere, then closes with 1000.
+      if (signedIn && sendFrame({ type: 'logout' })) {
+        setTimeout(() => { if (ws.readyState < WebSocket.CLOSING) ws.close(1000, 'logout'); }, 2000);
+      } else {
+        ws.close(1000, 'logout');
+      }
     }
     setConn('closed', 'logged out');
   }

@@ -429,3 +429,55 @@ class Store(abc.ABC):
     ) -> list[tuple[str, str]]:
         """(key, value) pairs whose key starts with prefix, sorted by key; the
         first ``limit`` of them, of the keys above ``after`` if given (a page)."""
+
+    # -- identity: revocation (PROTOCOL.md, "Tokens") ----------------------------
+    # Each user has a token *version* that every token carries (claim ``ver``);
+    # revoking a user's tokens raises it, so a token is good only while its
+    # ``ver`` equals the user's version. The version is kept per name, not per
+    # user record: deleting a user raises it and keeps it (a tombstone of one
+    # integer), so a later registration of the same name starts above every
+    # token issued to the deleted one. Single tokens (logout) are revoked by
+    # ``jti`` until they would have expired anyway.
+    @abc.abstractmethod
+    async def token_state(self, username: str, jti: str | None = None) -> TokenState | None:
+        """The user's token version and disabled flag, and whether ``jti`` is
+        revoked, in one read; None if no such user (without regard to case)."""
+
+    @abc.abstractmethod
+    async def revoke_user(self, username: str) -> int | None:
+        """Revoke every token issued to the user so far; return the new
+        version (None if no such user)."""
+
+    @abc.abstractmethod
+    async def set_disabled(self, username: str, disabled: bool) -> int | None:
+        """Disable (which also revokes, as revoke_user) or enable the user;
+        return the version (None if no such user). Enabling brings no
+        revoked token back."""
+
+    @abc.abstractmethod
+    async def set_password(self, username: str, password_hash: bytes) -> int | None:
+        """Replace the password hash and revoke every earlier token, in one
+        write; return the new version (None if no such user)."""
+
+    @abc.abstractmethod
+    async def delete_user(self, username: str) -> int | None:
+        """Delete the user, its sessions, their requests and its key-value
+        data, and raise the name's version past every token of the deleted
+        user (kept for a later registration of the name). Return that
+        version, or None if no such user."""
+
+    @abc.abstractmethod
+    async def revoke_token(self, jti: str, expires_at: float, now: float) -> None:
+        """Revoke one token until ``expires_at`` (its ``exp``); entries whose
+        time passed before ``now`` may be forgotten meanwhile."""
+
+
+# -- identity --------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class TokenState:
+    """What a token check reads, in one store round trip."""
+
+    username: str  # as registered
+    version: int  # tokens with another ``ver`` are revoked
+    disabled: bool
+    jti_revoked: bool  # the jti asked about was revoked (logout)

@@ -73,6 +73,7 @@ from .base import (
     UserUsage,
     kv_size,
 )
+from .mongodb_identity import MongoIdentity
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -102,7 +103,7 @@ def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
     return wrapper
 
 
-class MongoStore(Store):
+class MongoStore(MongoIdentity, Store):
     """The store in one MongoDB database (see the module docstring)."""
 
     def __init__(self, url: str, *, database: str | None = None) -> None:

@@ -44,6 +44,7 @@ from .base import (
     kv_size,
     prefix_end,
 )
+from .postgres_identity import PostgresIdentity
 from .postgres_writer import CONNECTION_ERRORS, Writer
 
 P = ParamSpec("P")
@@ -78,7 +79,7 @@ def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any,
     return wrapper
 
 
-class PostgresStore(Store):
+class PostgresStore(PostgresIdentity, Store):
     """The store in one PostgreSQL database (see the module docstring)."""
 
     def __init__(self, url: str, *, pool_size: int = POOL_SIZE) -> None:

@@ -361,9 +361,26 @@ END
 $$;
 """
 
+# -- identity: revocation state (base.py, "identity"): a token version per user
+# name, kept after the user is deleted, and the jtis revoked by logout until
+# they expire.
+IDENTITY_TABLES = """
+CREATE TABLE IF NOT EXISTS user_tokens (
+    username_lower text PRIMARY KEY,
+    version bigint NOT NULL DEFAULT 0,
+    disabled boolean NOT NULL DEFAULT false
+);
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    jti text PRIMARY KEY,
+    expires_at double precision NOT NULL
+);
+CREATE INDEX IF NOT EXISTS revoked_tokens_expiry ON revoked_tokens (expires_at);
+"""
+
 #: Migration n (1-based) brings the schema from version n - 1 to n.
 MIGRATIONS: tuple[str, ...] = (
     TABLES + OPERATION,
+    IDENTITY_TABLES,
     postgres_budgets.MIGRATION + postgres_budgets.WRAPPERS,  # per-user budgets
 )
 VERSION = len(MIGRATIONS)

@@ -42,6 +42,7 @@ from .base import (
     kv_size,
     prefix_end,
 )
+from .sqlite_identity import SqliteIdentity
 from .sqlite_schema import REQUEST_COLUMNS, SESSION_COLUMNS, setup
 from .sqlite_writer import GroupCommit, WriterProcess
 from .sqlite_writes import one
@@ -53,7 +54,7 @@ T = TypeVar("T")
 PURGE_CHUNK = 5000
 
 
-class SqliteStore(Store):
+class SqliteStore(SqliteIdentity, Store):
     """The store in one SQLite file (see the module docstring for the design)."""
 
     def __init__(self, path: str | os.PathLike[str], *, busy_timeout: float = 10.0) -> None:

@@ -123,6 +123,7 @@ def setup(c: sqlite3.Connection) -> None:
             time.sleep(delay)  # on aiosqlite's thread, at start-up
     configure(c)
     c.executescript(SCHEMA)
+    c.executescript(IDENTITY_SCHEMA)
     migrate(c)
 
 
@@ -142,3 +143,22 @@ def migrate(c: sqlite3.Connection) -> None:
     except BaseException:
         c.execute("ROLLBACK")
         raise
+
+
+# -- identity ----------------------------------------------------------------------
+# Revocation state (base.py, "identity"): a token version per user name, kept
+# after the user is deleted, and the jtis revoked by logout until they expire.
+IDENTITY_SCHEMA = """
+BEGIN IMMEDIATE;
+CREATE TABLE IF NOT EXISTS user_tokens (
+    username_lower TEXT PRIMARY KEY,
+    version INTEGER NOT NULL DEFAULT 0,
+    disabled INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS revoked_tokens (
+    jti TEXT PRIMARY KEY,
+    expires_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS revoked_tokens_expiry ON revoked_tokens (expires_at);
+COMMIT;
+"""

@@ -371,3 +371,71 @@ def _start(c: sqlite3.Connection, session_id: str, seq: int) -> int:
         (session_id, seq),
     )
     return 0 if row is None else int(row[0])
+
+
+# -- identity ----------------------------------------------------------------------
+def _user_exists(c: sqlite3.Connection, key: str) -> bool:
+    return one(c, "SELECT 1 FROM users WHERE username_lower = ?", (key,)) is not None
+
+
+def revoke_user(c: sqlite3.Connection, username: str) -> int | None:
+    key = username.lower()
+    if not _user_exists(c, key):
+        return None
+    row = one(
+        c,
+        "INSERT INTO user_tokens (username_lower, version) VALUES (?, 1)"
+        " ON CONFLICT (username_lower) DO UPDATE SET version = version + 1 RETURNING version",
+        (key,),
+    )
+    return int(row[0])
+
+
+def set_disabled(c: sqlite3.Connection, username: str, disabled: bool) -> int | None:
+    key = username.lower()
+    if not _user_exists(c, key):
+        return None
+    bump = 1 if disabled else 0
+    row = one(
+        c,
+        "INSERT INTO user_tokens (username_lower, version, disabled) VALUES (?, ?, ?)"
+        " ON CONFLICT (username_lower) DO UPDATE SET version = version + ?,"
+        " disabled = excluded.disabled RETURNING version",
+        (key, bump, int(disabled), bump),
+    )
+    return int(row[0])
+
+
+def set_password(c: sqlite3.Connection, username: str, password_hash: bytes) -> int | None:
+    key = username.lower()
+    if not _user_exists(c, key):
+        return None
+    c.execute("UPDATE users SET password_hash = ? WHERE username_lower = ?", (password_hash, key))
+    return revoke_user(c, username)
+
+
+def delete_user(c: sqlite3.Connection, username: str) -> int | None:
+    key = username.lower()
+    version = revoke_user(c, username)
+    if version is None:
+        return None
+    c.execute("UPDATE user_tokens SET disabled = 0 WHERE username_lower = ?", (key,))
+    c.execute(
+        "DELETE FROM requests WHERE session_id IN"
+        " (SELECT session_id FROM sessions WHERE lower(username) = ?)",
+        (key,),
+    )
+    c.execute("DELETE FROM sessions WHERE lower(username) = ?", (key,))
+    c.execute("DELETE FROM kv WHERE lower(username) = ?", (key,))
+    c.execute("DELETE FROM user_budgets WHERE lower(username) = ?", (key,))
+    c.execute("DELETE FROM users WHERE username_lower = ?", (key,))
+    return version
+
+
+def revoke_token(c: sqlite3.Connection, jti: str, expires_at: float, now: float) -> None:
+    c.execute("DELETE FROM revoked_tokens WHERE expires_at < ?", (now,))
+    c.execute(
+        "INSERT INTO revoked_tokens (jti, expires_at) VALUES (?, ?)"
+        " ON CONFLICT (jti) DO UPDATE SET expires_at = max(expires_at, excluded.expires_at)",
+        (jti, expires_at),
+    )

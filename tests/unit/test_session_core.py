@@ -171,11 +171,15 @@ def test_cancel_rules() -> None:
     assert c.batch_done() == ["a"]
     assert c.cancel("b").seq == 2
     c.cancels[2] = object()  # a cancel of b is under way
-    assert isinstance(c.cancel("b").reply, Refuse)
+    busy = c.cancel("b").reply
+    assert busy is not None and frames((busy,))[0]["code"] == "not_found"
     assert c.cancel("unknown").lookup
-    assert c.cancel_target("unknown", None).reply == Refuse(
-        ErrorCode.NOT_FOUND, "no unfinished request 'unknown'", "unknown"
-    )
+    unknown = c.cancel_target("unknown", None).reply
+    assert isinstance(unknown, Send)  # an answer, not a refused submit (no refusal counted)
+    assert frames((unknown,)) == [
+        {"type": "error", "id": "unknown", "code": "not_found",
+         "message": "no unfinished request 'unknown'"}
+    ]  # fmt: skip
 
 
 def test_status_answers() -> None:
@@ -284,3 +288,27 @@ def test_the_core_does_no_io() -> None:
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_submits_wait_for_a_live_queue() -> None:
+    # While its queue is being reopened or closed, a session takes no submit.
+    for move in ("recovering", "closing"):
+        c = core()
+        if move == "recovering":
+            c.recovering()
+        else:
+            c.detach()
+            c.attach()  # a resume while it closes
+        assert frames(submit(c, "a"))[0]["code"] == "unavailable", move
+        assert c.pending() == 0
+
+
+def test_a_close_waits_for_submits_on_their_way_in() -> None:
+    c = core()
+    c.detach()
+    assert c.state is SessionState.CLOSING
+    c.attached = False
+    c.pumping = True  # a resume's last submit is being stored as its client left
+    assert not c.should_finish_close()
+    c.pumping = False
+    assert c.should_finish_close()
