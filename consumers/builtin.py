@@ -12,7 +12,7 @@ from consumers.context import Context
 from consumers.registry import BadArgs, OpError, Registry
 from protocol import decode_json, encode_json
 from server import metrics
-from server.store.base import BudgetExceeded
+from server.store.budgets import BudgetExceeded
 
 MAX_COUNT = 10_000
 MAX_HASH_ROUNDS = 10_000_000

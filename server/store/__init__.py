@@ -11,8 +11,6 @@ a deployment loads only the driver it uses.
 from __future__ import annotations
 
 from .base import (
-    Budget,
-    BudgetExceeded,
     Fenced,
     NewRequest,
     RequestRecord,
@@ -24,8 +22,8 @@ from .base import (
     TokenState,
     User,
     UserExists,
-    UserUsage,
 )
+from .budgets import Budget, BudgetExceeded, UserUsage
 
 __all__ = [
     "Budget",

@@ -58,8 +58,6 @@ from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import BulkWriteError, DuplicateKeyError, PyMongoError
 
 from .base import (
-    Budget,
-    BudgetExceeded,
     Fenced,
     NewRequest,
     RequestRecord,
@@ -70,9 +68,8 @@ from .base import (
     StoreError,
     User,
     UserExists,
-    UserUsage,
-    kv_size,
 )
+from .budgets import Budget, BudgetExceeded, UserUsage, kv_size
 from .mongodb_identity import MongoIdentity
 
 P = ParamSpec("P")

@@ -40,10 +40,9 @@ from .base import (
     Store,
     StoreError,
     User,
-    UserUsage,
-    kv_size,
     prefix_end,
 )
+from .budgets import UserUsage, kv_size
 from .postgres_identity import PostgresIdentity
 from .postgres_writer import CONNECTION_ERRORS, Writer
 

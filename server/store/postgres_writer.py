@@ -33,7 +33,8 @@ from typing import Any
 import asyncpg
 import orjson
 
-from .base import BudgetExceeded, Fenced, StoreError, UserExists
+from .base import Fenced, StoreError, UserExists
+from .budgets import BudgetExceeded
 
 DEADLOCK_RETRIES = 3
 # Errors of the connection rather than of what was sent: running the batch

@@ -38,10 +38,9 @@ from .base import (
     Store,
     StoreError,
     User,
-    UserUsage,
-    kv_size,
     prefix_end,
 )
+from .budgets import UserUsage, kv_size
 from .sqlite_identity import SqliteIdentity
 from .sqlite_schema import REQUEST_COLUMNS, SESSION_COLUMNS, setup
 from .sqlite_writer import GroupCommit, WriterProcess

@@ -24,7 +24,8 @@ import sqlite3
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .base import Budget, BudgetExceeded, Fenced, SessionRecord, StoreError, UserExists, UserUsage
+from .base import Fenced, SessionRecord, StoreError, UserExists
+from .budgets import Budget, BudgetExceeded, UserUsage
 from .sqlite_schema import SESSION_COLUMNS
 
 # One write of a batch: a function of this module and its args; it is called
