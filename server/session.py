@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 from collections.abc import Callable, Coroutine, Iterable
 from concurrent.futures import Executor
 from typing import TYPE_CHECKING, Any
@@ -91,7 +92,9 @@ class Session:
         self.recovery = Recovery(self)
         self.pump = SubmitPump(self)
         self._accept_waiter: tuple[int, asyncio.Future[bool]] | None = None
-        self._accepted_at: dict[int, float] = {}  # seq -> when accepted (queue wait)
+        # (first seq, last seq, when) of each batch accepted and not yet wholly
+        # begun, for the queue wait: one entry a batch, not one a request
+        self._accepted_at: deque[tuple[int, int, float]] = deque()
         self._closer: asyncio.Task[None] | None = None
         self._giving_up: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()  # every task of this session
@@ -344,9 +347,7 @@ class Session:
 
     def accepted(self, first: int, count: int) -> None:
         """Seqs ``first`` .. were accepted: a consumer waiting for one goes on."""
-        now = time.perf_counter()
-        for seq in range(first, first + count):
-            self._accepted_at[seq] = now
+        self._accepted_at.append((first, first + count - 1, time.perf_counter()))
         waiter = self._accept_waiter
         if waiter is not None and waiter[0] <= self.core.accepted_through:
             self._accept_waiter = None
@@ -363,15 +364,15 @@ class Session:
         return future
 
     def begin(self, seq: int, rid: str) -> bool:
-        accepted_at = self._accepted_at.pop(seq, None)
-        if accepted_at is not None:
-            metrics.observe_queue_wait(time.perf_counter() - accepted_at)
+        batches = self._accepted_at
+        while batches and batches[0][1] < seq:
+            batches.popleft()  # batches wholly begun (or carried past)
+        if batches and batches[0][0] <= seq:
+            metrics.observe_queue_wait(time.perf_counter() - batches[0][2])
         return self.core.begin(seq, rid)
 
     def finished(self, seq: int) -> None:
         commands = self.core.finished(seq)
-        if self._accepted_at:
-            self._accepted_at.pop(seq, None)  # cancelled or carried: never begun
         if not self.core.unfinished:
             self.pump.queue_drained()
         if commands:
