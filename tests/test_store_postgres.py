@@ -223,3 +223,37 @@ async def test_a_large_batch_of_adds_and_finishes_keeps_each_outcome(
     assert outcomes[1:] == [None] * 38
     assert (await s.session_counts("s1")).last_seq == 4
     assert (await s.session_counts("s2")).last_seq == 5
+
+
+async def test_leases_are_on_the_databases_clock(
+    postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A replica whose clock runs 100 s ahead still sees another replica's
+    live lease as live, and a lapsed one as lapsed: lease times are moved onto
+    the database's clock, measured when each store opens."""
+    import time
+
+    from server.store import postgres as postgres_module
+
+    right = PostgresStore(postgres_url)
+    await right.open()
+    real = time.time
+    monkeypatch.setattr(postgres_module.time, "time", lambda: real() + 100)
+    ahead = PostgresStore(postgres_url)
+    await ahead.open()  # measures its clock 100 s ahead of the database's
+    monkeypatch.setattr(postgres_module.time, "time", real)
+    try:
+        await right.create_session("s1", "ada", "right", real() + 15)
+        await right.add_requests("s1", 1, [NewRequest(1, "a", "echo", "{}")], real())
+        # The fast replica, by its own clock, sees the lease live ...
+        assert await ahead.orphaned_sessions(real() + 100) == []
+        assert await ahead.claim_session("s1", "ahead", real() + 100 + 15, real() + 100) is None
+        record = await ahead.get_session("s1")
+        assert record is not None and abs(record.lease_until - (real() + 100 + 15)) < 2
+        # ... and lapsed once it has lapsed on the database's clock.
+        assert await ahead.orphaned_sessions(real() + 100 + 16) == ["s1"]
+        assert await ahead.claim_session("s1", "ahead", real() + 130, real() + 116) == 2
+        assert await right.claim_session("s1", "right", real() + 15, real()) is None
+    finally:
+        await ahead.close()
+        await right.close()

@@ -6,10 +6,13 @@ the SQLite store taught, and how it carries over:
 * Group commit, one round trip per batch, a failing write failing alone:
   :mod:`.postgres_writer`. Fencing by epoch in the statement that writes:
   :mod:`.postgres_schema`.
-* Leases compare the caller's ``now`` (and the stored ``lease_until``, also
-  the caller's clock), not the database's: the interface passes ``now`` and
-  the contract tests pass made-up times. Processes sharing one database need
-  clocks that agree to within a fraction of the lease (NTP does that).
+* Leases are on the database's clock. The interface passes times read from
+  the caller's clock (``now``, ``lease_until``); the store measures, when it
+  opens, how far the database's clock is from this process's, and moves every
+  lease time it writes or compares by that much (and back for the records it
+  returns). Replicas whose clocks disagree therefore still agree on when a
+  lease lapses; only their clocks' drift since they opened the store counts.
+  Other times (created, finished) stay the caller's.
 * Reads go to the pool, one statement each; READ COMMITTED shows them only
   committed data.
 * Per-user budgets are checked in the transaction of the write they guard:
@@ -86,6 +89,7 @@ class PostgresStore(PostgresIdentity, Store):
         self.pool_size = pool_size
         self._pool: asyncpg.Pool | None = None  # reads
         self._writer: Writer | None = None
+        self._skew = 0.0  # the database's clock minus ours, measured on open
 
     # -- lifecycle -----------------------------------------------------------
     async def open(self) -> None:
@@ -107,6 +111,7 @@ class PostgresStore(PostgresIdentity, Store):
         try:
             async with writes.acquire() as connection:
                 await postgres_schema.migrate(connection)
+                self._skew = await _clock_skew(connection)
             # Reads get a pool of their own: the writer never queues behind them.
             pool = await asyncpg.create_pool(
                 self.url,
@@ -181,8 +186,8 @@ class PostgresStore(PostgresIdentity, Store):
         record = SessionRecord(session_id, username, time.time(), 0, owner, 1, lease_until)
         at = record.created_at if now is None else now
         await self._write(
-            ["create_session", session_id, username, record.created_at, owner, lease_until,
-             max_sessions, max_connections, at]
+            ["create_session", session_id, username, record.created_at, owner,
+             lease_until + self._skew, max_sessions, max_connections, at + self._skew]
         )  # fmt: skip
         return record
 
@@ -194,7 +199,9 @@ class PostgresStore(PostgresIdentity, Store):
         _check_text(username)
         at = time.time() if now is None else now
         sessions, carried, pending, kv_bytes = await self._pool_().fetchrow(
-            postgres_budgets.USAGE, username, at
+            postgres_budgets.USAGE,
+            username,
+            at + self._skew,  # leases: the database's clock
         )
         return UserUsage(sessions, carried, pending, kv_bytes)
 
@@ -204,23 +211,31 @@ class PostgresStore(PostgresIdentity, Store):
         row = await self._pool_().fetchrow(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id
         )
-        return None if row is None else SessionRecord(*row)
+        if row is None:
+            return None
+        sid, username, created_at, last_seq, owner, epoch, lease_until = row
+        # The lease back on the caller's clock, like every time it passed in
+        # (0: released, no lease).
+        lease = lease_until - self._skew if lease_until else lease_until
+        return SessionRecord(sid, username, created_at, last_seq, owner, epoch, lease)
 
     async def claim_session(
         self, session_id: str, owner: str, lease_until: float, now: float
     ) -> int | None:
-        epoch = await self._write(["claim", session_id, owner, lease_until, now])
+        epoch = await self._write(
+            ["claim", session_id, owner, lease_until + self._skew, now + self._skew]
+        )
         return None if epoch is None else int(epoch)
 
     @translated
     async def orphaned_sessions(self, now: float, limit: int = 100) -> list[str]:
         rows = await self._pool_().fetch(
             "SELECT s.session_id FROM sessions s"
-            " WHERE (s.owner IS NULL OR s.lease_until < $1)"
+            " WHERE (s.owner IS NULL OR s.lease_until < $1)"  # the database's clock
             " AND EXISTS (SELECT 1 FROM requests r"
             "             WHERE r.session_id = s.session_id AND r.state <> 'done')"
             " LIMIT $2",
-            now,
+            now + self._skew,
             limit,
         )
         return [row[0] for row in rows]
@@ -229,10 +244,10 @@ class PostgresStore(PostgresIdentity, Store):
         return bool(await self._write(["release", session_id, epoch]))
 
     async def renew_leases(self, owner: str, lease_until: float) -> int:
-        return int(await self._write(["renew_leases", owner, lease_until]))
+        return int(await self._write(["renew_leases", owner, lease_until + self._skew]))
 
     async def renew_session(self, session_id: str, epoch: int, lease_until: float) -> None:
-        await self._write(["renew_session", session_id, epoch, lease_until])
+        await self._write(["renew_session", session_id, epoch, lease_until + self._skew])
 
     # -- requests ------------------------------------------------------------
     async def add_requests(
@@ -442,3 +457,13 @@ def _check_text(*values: str) -> None:
     for value in values:
         if "\x00" in value:
             raise StoreError("postgresql: text cannot contain the NUL character")
+
+
+async def _clock_skew(connection: asyncpg.Connection) -> float:
+    """The database's clock minus this process's, in seconds (the round
+    trip's midpoint against the database's reading), in steps of 1/1024 s: a
+    time moved there and back is then exactly the time it was."""
+    before = time.time()
+    database = float(await connection.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
+    after = time.time()
+    return round((database - (before + after) / 2) * 1024) / 1024
