@@ -27,10 +27,9 @@ schema (asyncpg passes unknown URL parameters on as server settings).
 from __future__ import annotations
 
 import base64
-import functools
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import asyncpg
 
@@ -47,10 +46,9 @@ from .base import (
 )
 from .budgets import UserUsage, kv_size
 from .postgres_identity import PostgresIdentity
+from .postgres_support import check_text, clock_skew, translated
 from .postgres_writer import CONNECTION_ERRORS, Writer
 
-P = ParamSpec("P")
-R = TypeVar("R")
 POOL_SIZE = 10
 CONNECT_TIMEOUT = 10.0
 # A statement that takes longer (a server that stopped answering, a lock that
@@ -64,21 +62,6 @@ REQUEST_COLUMNS = (
     "session_id, seq, client_id, op, args, state, attempts, failed, final, created_at, finished_at"
 )
 SESSION_COLUMNS = "session_id, username, created_at, last_seq, owner, epoch, lease_until"
-
-
-def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn asyncpg's and the OS's errors of a read into StoreError (counted)."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except (asyncpg.PostgresError, *CONNECTION_ERRORS, TimeoutError) as e:
-            if args and isinstance(args[0], Store):
-                args[0]._failed()
-            raise StoreError(f"postgresql: {e}") from e
-
-    return wrapper
 
 
 class PostgresStore(PostgresIdentity, Store):
@@ -111,7 +94,7 @@ class PostgresStore(PostgresIdentity, Store):
         try:
             async with writes.acquire() as connection:
                 await postgres_schema.migrate(connection)
-                self._skew = await _clock_skew(connection)
+                self._skew = await clock_skew(connection)
             # Reads get a pool of their own: the writer never queues behind them.
             pool = await asyncpg.create_pool(
                 self.url,
@@ -164,7 +147,7 @@ class PostgresStore(PostgresIdentity, Store):
 
     @translated
     async def get_user(self, username: str) -> User | None:
-        _check_text(username)
+        check_text(username)
         row = await self._pool_().fetchrow(
             "SELECT username, password_hash, created_at FROM users WHERE username_lower = $1",
             username.lower(),
@@ -196,7 +179,7 @@ class PostgresStore(PostgresIdentity, Store):
 
     @translated
     async def usage(self, username: str, now: float | None = None) -> UserUsage:
-        _check_text(username)
+        check_text(username)
         at = time.time() if now is None else now
         sessions, carried, pending, kv_bytes = await self._pool_().fetchrow(
             postgres_budgets.USAGE,
@@ -207,7 +190,7 @@ class PostgresStore(PostgresIdentity, Store):
 
     @translated
     async def get_session(self, session_id: str) -> SessionRecord | None:
-        _check_text(session_id)
+        check_text(session_id)
         row = await self._pool_().fetchrow(
             f"SELECT {SESSION_COLUMNS} FROM sessions WHERE session_id = $1", session_id
         )
@@ -305,7 +288,7 @@ class PostgresStore(PostgresIdentity, Store):
 
     @translated
     async def get_request(self, session_id: str, seq: int) -> RequestRecord | None:
-        _check_text(session_id)
+        check_text(session_id)
         row = await self._pool_().fetchrow(
             f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id = $1 AND seq = $2",
             session_id,
@@ -315,7 +298,7 @@ class PostgresStore(PostgresIdentity, Store):
 
     @translated
     async def find_request(self, session_id: str, client_id: str) -> RequestRecord | None:
-        _check_text(session_id, client_id)
+        check_text(session_id, client_id)
         row = await self._pool_().fetchrow(
             f"SELECT {REQUEST_COLUMNS} FROM requests WHERE session_id = $1 AND client_id = $2",
             session_id,
@@ -327,7 +310,7 @@ class PostgresStore(PostgresIdentity, Store):
     async def seqs_of(self, session_id: str, client_ids: Sequence[str]) -> dict[str, int]:
         if not client_ids:
             return {}
-        _check_text(session_id, *client_ids)
+        check_text(session_id, *client_ids)
         rows = await self._pool_().fetch(
             "SELECT client_id, seq FROM requests WHERE session_id = $1 AND client_id = ANY ($2)",
             session_id,
@@ -337,7 +320,7 @@ class PostgresStore(PostgresIdentity, Store):
 
     @translated
     async def unfinished(self, session_id: str) -> list[RequestRecord]:
-        _check_text(session_id)
+        check_text(session_id)
         rows = await self._pool_().fetch(
             f"SELECT {REQUEST_COLUMNS} FROM requests"
             " WHERE session_id = $1 AND state <> 'done' ORDER BY seq",
@@ -349,7 +332,7 @@ class PostgresStore(PostgresIdentity, Store):
     async def finals_after(
         self, session_id: str, after: int, limit: int | None = None
     ) -> list[tuple[int, str]]:
-        _check_text(session_id)
+        check_text(session_id)
         rows = await self._pool_().fetch(
             "SELECT seq, final FROM requests"
             " WHERE session_id = $1 AND seq > $2 AND state = 'done' ORDER BY seq LIMIT $3",
@@ -361,7 +344,7 @@ class PostgresStore(PostgresIdentity, Store):
 
     @translated
     async def count_requests(self, session_id: str, after: int, through: int) -> int:
-        _check_text(session_id)
+        check_text(session_id)
         count = await self._pool_().fetchval(
             "SELECT count(*) FROM requests WHERE session_id = $1 AND seq > $2 AND seq <= $3",
             session_id,
@@ -372,7 +355,7 @@ class PostgresStore(PostgresIdentity, Store):
 
     @translated
     async def session_counts(self, session_id: str) -> SessionCounts:
-        _check_text(session_id)
+        check_text(session_id)
         # One statement, so one snapshot even while other processes commit.
         row = await self._pool_().fetchrow(
             "SELECT s.last_seq,"
@@ -421,7 +404,7 @@ class PostgresStore(PostgresIdentity, Store):
 
     @translated
     async def kv_get(self, username: str, key: str) -> str | None:
-        _check_text(username, key)
+        check_text(username, key)
         value = await self._pool_().fetchval(
             "SELECT value FROM kv WHERE username = $1 AND key = $2", username, key
         )
@@ -434,7 +417,7 @@ class PostgresStore(PostgresIdentity, Store):
     async def kv_list(
         self, username: str, prefix: str, limit: int = 1000, after: str | None = None
     ) -> list[tuple[str, str]]:
-        _check_text(username, prefix, *(() if after is None else (after,)))
+        check_text(username, prefix, *(() if after is None else (after,)))
         # A key range (the column sorts by code point, COLLATE "C") rather than
         # LIKE, where % and _ are wildcards.
         end = prefix_end(prefix)
@@ -449,21 +432,3 @@ class PostgresStore(PostgresIdentity, Store):
             after,
         )
         return [(key, value) for key, value in rows]
-
-
-def _check_text(*values: str) -> None:
-    """Refuse a NUL character up front: asyncpg would send it and fail the call
-    on the server (a read of a value that cannot be stored finds nothing)."""
-    for value in values:
-        if "\x00" in value:
-            raise StoreError("postgresql: text cannot contain the NUL character")
-
-
-async def _clock_skew(connection: asyncpg.Connection) -> float:
-    """The database's clock minus this process's, in seconds (the round
-    trip's midpoint against the database's reading), in steps of 1/1024 s: a
-    time moved there and back is then exactly the time it was."""
-    before = time.time()
-    database = float(await connection.fetchval("SELECT extract(epoch FROM clock_timestamp())"))
-    after = time.time()
-    return round((database - (before + after) / 2) * 1024) / 1024
