@@ -10,17 +10,15 @@ test creates its file: every wait below is on an event, never on a timer.
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 import websockets
-from conftest import BROKER_URL, UNIT, Client, ClientFactory, ServerFactory, finals_of
+from conftest import UNIT, Client, ClientFactory, ServerFactory, finals_of
 from prometheus_client import REGISTRY
-from test_faults import SECRET, ServerProcess, open_client
+from test_faults import ServerProcess, open_client, spawn_server
 
 from server.settings import Settings, SettingsError
 
@@ -48,26 +46,9 @@ async def replica(store_url: str) -> AsyncIterator[Start]:
     procs: list[ServerProcess] = []
 
     async def start(**settings: Any) -> ServerProcess:
-        env = {
-            **os.environ,
-            "SESSIONQ_BROKER_URL": BROKER_URL,
-            "SESSIONQ_STORE_URL": store_url,
-            "SESSIONQ_JWT_SECRET": SECRET,
-            "SESSIONQ_BCRYPT_ROUNDS": "4",
-            "SESSIONQ_LEASE_SECONDS": "1",
-            "SESSIONQ_OPS": "tests.ops_for_tests,tests.ops_budgets",
-            "SESSIONQ_LOG_FORMAT": "json",
-            "SESSIONQ_LOG_LEVEL": os.environ.get("SESSIONQ_TEST_SERVER_LOG_LEVEL", "WARNING"),
-        }
-        env.update({f"SESSIONQ_{k.upper()}": str(v) for k, v in settings.items()})
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.cli", "serve", "--port", "0",
-            env=env, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 6 * UNIT)
-        assert b"listening on" in line, line
-        server = ServerProcess(proc, int(line.rsplit(b":", 1)[1].split(b"/")[0]))
+        server = await spawn_server(
+            store_url, ops="tests.ops_for_tests,tests.ops_budgets", **settings
+        )
         procs.append(server)
         return server
 

@@ -48,32 +48,41 @@ class ServerProcess:
 Start = Callable[..., Awaitable[ServerProcess]]
 
 
+async def spawn_server(
+    store_url: str, *, ops: str = "tests.ops_for_tests", **settings: Any
+) -> ServerProcess:
+    """A real ``sessionq serve`` on ``store_url`` and the local RabbitMQ, on a
+    free port, leases of 1 s; ``settings`` become ``SESSIONQ_*`` variables.
+    Returns once it prints its listening line. (Shared by the fault, replica
+    and budget tests.)"""
+    env = {
+        **os.environ,
+        "SESSIONQ_BROKER_URL": BROKER_URL,
+        "SESSIONQ_STORE_URL": store_url,
+        "SESSIONQ_JWT_SECRET": SECRET,
+        "SESSIONQ_BCRYPT_ROUNDS": "4",
+        "SESSIONQ_LEASE_SECONDS": "1",
+        "SESSIONQ_OPS": ops,
+        "SESSIONQ_LOG_FORMAT": "json",
+        "SESSIONQ_LOG_LEVEL": os.environ.get("SESSIONQ_TEST_SERVER_LOG_LEVEL", "WARNING"),
+    }
+    env.update({f"SESSIONQ_{k.upper()}": str(v) for k, v in settings.items()})
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "server.cli", "serve", "--port", "0",
+        env=env, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    line = await asyncio.wait_for(proc.stdout.readline(), 6 * UNIT)
+    assert b"listening on" in line, line
+    return ServerProcess(proc, int(line.rsplit(b":", 1)[1].split(b"/")[0]))
+
+
 @pytest.fixture
 async def start_server(store_url: str) -> AsyncIterator[Start]:
     procs: list[ServerProcess] = []
 
     async def start(**settings: Any) -> ServerProcess:
-        env = {
-            **os.environ,
-            "SESSIONQ_BROKER_URL": BROKER_URL,
-            "SESSIONQ_STORE_URL": store_url,
-            "SESSIONQ_JWT_SECRET": SECRET,
-            "SESSIONQ_BCRYPT_ROUNDS": "4",
-            "SESSIONQ_LEASE_SECONDS": "1",
-            "SESSIONQ_OPS": "tests.ops_for_tests",
-            "SESSIONQ_LOG_FORMAT": "json",
-            "SESSIONQ_LOG_LEVEL": os.environ.get("SESSIONQ_TEST_SERVER_LOG_LEVEL", "WARNING"),
-        }
-        env.update({f"SESSIONQ_{k.upper()}": str(v) for k, v in settings.items()})
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.cli", "serve", "--port", "0",
-            env=env, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 6 * UNIT)
-        assert b"listening on" in line, line
-        port = int(line.rsplit(b":", 1)[1].split(b"/")[0])
-        server = ServerProcess(proc, port)
+        server = await spawn_server(store_url, **settings)
         procs.append(server)
         return server
 

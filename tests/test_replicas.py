@@ -12,15 +12,13 @@ lapses. Every accepted request ends in exactly one final frame, in seq order.
 from __future__ import annotations
 
 import asyncio
-import os
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import BROKER_URL, UNIT, Client, finals_of
-from test_faults import SECRET, ServerProcess, open_client, wait_running
+from conftest import UNIT, Client, finals_of
+from test_faults import ServerProcess, open_client, spawn_server, wait_running
 
 Start = Callable[[], Awaitable[ServerProcess]]
 
@@ -46,25 +44,7 @@ async def replica(store_url: str) -> AsyncIterator[Start]:
     procs: list[ServerProcess] = []
 
     async def start() -> ServerProcess:
-        env = {
-            **os.environ,
-            "SESSIONQ_BROKER_URL": BROKER_URL,
-            "SESSIONQ_STORE_URL": store_url,
-            "SESSIONQ_JWT_SECRET": SECRET,
-            "SESSIONQ_BCRYPT_ROUNDS": "4",
-            "SESSIONQ_LEASE_SECONDS": "1",
-            "SESSIONQ_OPS": "tests.ops_for_tests",
-            "SESSIONQ_LOG_FORMAT": "json",
-            "SESSIONQ_LOG_LEVEL": os.environ.get("SESSIONQ_TEST_SERVER_LOG_LEVEL", "WARNING"),
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.cli", "serve", "--port", "0",
-            env=env, stdout=asyncio.subprocess.PIPE, cwd=Path(__file__).parent.parent,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 6 * UNIT)
-        assert b"listening on" in line, line
-        server = ServerProcess(proc, int(line.rsplit(b":", 1)[1].split(b"/")[0]))
+        server = await spawn_server(store_url)
         procs.append(server)
         return server
 
