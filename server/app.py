@@ -128,7 +128,7 @@ class Server:
         self.registry.load(settings.ops)
         # Known label values from the start: a healthy server shows zeros.
         metrics.prime(self.registry.names())
-        self.store.instrument(metrics.observe_store, metrics.STORE_OPS)
+        self.store.instrument(metrics.store_timer, metrics.STORE_OPS)
         # spawn, not fork: a forked pool process would keep copies of every
         # descriptor open at that moment (listening sockets, the SQLite
         # writer's pipe, which then never sees EOF). And a pool process waits

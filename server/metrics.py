@@ -18,7 +18,9 @@ about twice as much (one mmap write under a lock) and buys nothing there.
 Label values known in advance are created by :func:`prime`, once at start, so
 a healthy server shows zeros rather than gaps. Hot paths call the small
 helpers below, which use label children bound once (``labels()`` costs a lock
-and a dict lookup per call).
+and a dict lookup per call). The series every request updates are tallies
+(:mod:`server.tally`: plain numbers read at scrape, a fifth of the cost) in a
+single process, and prometheus_client's own objects with workers.
 """
 
 from __future__ import annotations
@@ -37,12 +39,12 @@ from prometheus_client import (
     CollectorRegistry,
     Counter,
     Gauge,
-    Histogram,
     generate_latest,
 )
 from prometheus_client import multiprocess as _multiprocess
 
 from protocol import CloseCode, ErrorCode
+from server import tally
 
 NS = "sessionq"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -85,29 +87,31 @@ pending_requests = Gauge(
     multiprocess_mode="livesum",
 )
 auth_total = Counter(f"{NS}_auth_total", "Authentication attempts", ["method", "outcome"])
-frames_in = Counter(f"{NS}_frames_received_total", "Client frames received", ["type"])
+frames_in = tally.counter(f"{NS}_frames_received_total", "Client frames received", ["type"])
 bad_frames = Counter(f"{NS}_bad_frames_total", "Client frames refused as bad_request")
-requests_accepted = Counter(f"{NS}_requests_accepted_total", "Requests accepted")
+requests_accepted = tally.counter(f"{NS}_requests_accepted_total", "Requests accepted")
 requests_refused = Counter(f"{NS}_requests_refused_total", "Submits refused", ["code"])
-requests_finished = Counter(f"{NS}_requests_finished_total", "Requests finished", ["op", "outcome"])
-queue_wait_seconds = Histogram(
+requests_finished = tally.counter(
+    f"{NS}_requests_finished_total", "Requests finished", ["op", "outcome"]
+)
+queue_wait_seconds = tally.histogram(
     f"{NS}_queue_wait_seconds",
     "Time from a request's acceptance to the start of its handler",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
 )
-request_seconds = Histogram(
+request_seconds = tally.histogram(
     f"{NS}_request_seconds",
     "Handler run time",
     ["op"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
 )
-store_seconds = Histogram(
+store_seconds = tally.histogram(
     f"{NS}_store_seconds", "One store call (a group commit counts once)", ["op"], buckets=_SHORT
 )
-publish_seconds = Histogram(
+publish_seconds = tally.histogram(
     f"{NS}_publish_seconds", "One broker publish until its confirm", buckets=_SHORT
 )
-batch_size = Histogram(
+batch_size = tally.histogram(
     f"{NS}_publish_batch_requests",
     "Requests carried by one broker message",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
@@ -206,11 +210,11 @@ def observe_queue_wait(seconds: float) -> None:
     queue_wait_seconds.observe(seconds)
 
 
-def observe_store(op: str, seconds: float) -> None:
-    """One store call took ``seconds``; ``op`` is the store method's name
-    (``add_requests``, ``finish_requests``, ...: a bounded set). A group
-    commit is one call."""
-    _store_time(op).observe(seconds)
+def store_timer(op: str) -> Any:
+    """What one call of the store method ``op`` (``add_requests``,
+    ``finish_requests``, ...: a bounded set) reports its seconds to (a group
+    commit is one call): ``Store.instrument`` binds one per method, once."""
+    return _store_time(op).observe
 
 
 def observe_publish(seconds: float) -> None:

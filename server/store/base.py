@@ -132,7 +132,7 @@ def prefix_end(prefix: str) -> str | None:
 
 
 def _timed(
-    method: Callable[..., Awaitable[T]], name: str, observe: Callable[[str, float], object]
+    method: Callable[..., Awaitable[T]], observe: Callable[[float], object]
 ) -> Callable[..., Awaitable[T]]:
     clock = time.perf_counter
 
@@ -141,7 +141,7 @@ def _timed(
         try:
             return await method(*args, **kwargs)
         finally:
-            observe(name, clock() - started)
+            observe(clock() - started)
 
     return timed
 
@@ -159,13 +159,14 @@ class Store(abc.ABC):
         if self.on_failure is not None:
             self.on_failure(operations)
 
-    def instrument(self, observe: Callable[[str, float], object], ops: Iterable[str]) -> None:
+    def instrument(
+        self, timer: Callable[[str], Callable[[float], object]], ops: Iterable[str]
+    ) -> None:
         """Time every call of the methods named ``ops`` on this instance:
-        ``observe(name, seconds)`` once per call, whatever the backend (a call
-        that rode a group commit is one call)."""
+        ``timer(name)`` gives the function told each call's seconds, whatever
+        the backend (a call that rode a group commit is one call)."""
         for name in ops:
-            method = getattr(self, name)
-            setattr(self, name, _timed(method, name, observe))
+            setattr(self, name, _timed(getattr(self, name), timer(name)))
 
     # -- lifecycle -----------------------------------------------------------
     @abc.abstractmethod
