@@ -26,6 +26,7 @@ from typing import Any
 
 from .base import Fenced, SessionRecord, StoreError, UserExists
 from .budgets import Budget, BudgetExceeded, UserUsage
+from .sqlite_ledger import LEDGER
 from .sqlite_schema import SESSION_COLUMNS
 
 # One write of a batch: a function of this module and its args; it is called
@@ -48,8 +49,10 @@ def run_batch(c: sqlite3.Connection, ops: Sequence[Write]) -> list[tuple[bool, A
     # (two SQLite steps each). If an op fails, roll back and run the batch
     # again the careful way, each op in its own savepoint.
     c.execute("BEGIN IMMEDIATE")
+    LEDGER.begin()
     try:
         results = [fn(c, *args) for fn, args in ops]
+        LEDGER.flush(c)
         c.execute("COMMIT")
         return [(True, result) for result in results]
     except BaseException as e:
@@ -59,6 +62,7 @@ def run_batch(c: sqlite3.Connection, ops: Sequence[Write]) -> list[tuple[bool, A
         # One op failed (or the whole transaction did: then it fails again below).
     outcomes: list[tuple[bool, Any]] = []
     c.execute("BEGIN IMMEDIATE")
+    LEDGER.begin()
     try:
         for fn, args in ops:
             c.execute("SAVEPOINT op")
@@ -70,6 +74,7 @@ def run_batch(c: sqlite3.Connection, ops: Sequence[Write]) -> list[tuple[bool, A
                 c.execute("ROLLBACK TO op")
                 outcomes.append((False, store_error(e)))
             c.execute("RELEASE op")
+        LEDGER.flush(c)
         c.execute("COMMIT")
     except BaseException:
         _rollback(c)
@@ -98,11 +103,13 @@ def one(c: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
     return rows[0] if rows else None
 
 
-def check_epoch(c: sqlite3.Connection, session_id: str, epoch: int) -> None:
-    row = one(c, "SELECT epoch FROM sessions WHERE session_id = ?", (session_id,))
+def check_epoch(c: sqlite3.Connection, session_id: str, epoch: int) -> str:
+    """Raise Fenced unless ``epoch`` is the session's; return its user."""
+    row = one(c, "SELECT epoch, username FROM sessions WHERE session_id = ?", (session_id,))
     if row is None or row[0] != epoch:
         current = None if row is None else row[0]
         raise Fenced(f"session {session_id}: epoch {epoch} is not current ({current})")
+    return str(row[1])
 
 
 # -- the writes (sent by reference, with their args) -------------------------
@@ -174,16 +181,6 @@ def usage(c: sqlite3.Connection, username: str, now: float) -> UserUsage:
     return UserUsage(sessions, carried, int(pending), int(kv_bytes))
 
 
-def _pending_changed(c: sqlite3.Connection, session_id: str, delta: int) -> None:
-    """The session's user has ``delta`` more (or fewer) unfinished requests."""
-    if delta:
-        c.execute(
-            "UPDATE user_budgets SET pending = max(0, pending + ?)"
-            " WHERE username = (SELECT username FROM sessions WHERE session_id = ?)",
-            (delta, session_id),
-        )
-
-
 def claim_session(
     c: sqlite3.Connection, session_id: str, owner: str, lease_until: float, now: float
 ) -> int | None:
@@ -205,22 +202,8 @@ def add_requests(
     now: float,
     max_pending: int | None = None,
 ) -> None:
-    check_epoch(c, session_id, epoch)
-    count = len(rows)
-    if max_pending is not None and count > max_pending:
-        raise BudgetExceeded(Budget.PENDING, max_pending)
-    # The user's counter goes up only if it stays within the budget (one row,
-    # one conditional statement); a failed insert below rolls it back.
-    taken = c.execute(
-        "INSERT INTO user_budgets (username, pending)"
-        " SELECT username, ? FROM sessions WHERE session_id = ?"
-        " ON CONFLICT (username) DO UPDATE SET pending = pending + excluded.pending"
-        " WHERE ?3 IS NULL OR pending + excluded.pending <= ?3",
-        (count, session_id, max_pending),
-    ).rowcount
-    if taken != 1:
-        assert max_pending is not None
-        raise BudgetExceeded(Budget.PENDING, max_pending)
+    username = check_epoch(c, session_id, epoch)
+    LEDGER.check(c, username, len(rows), max_pending)
     # One statement for the whole batch rather than one per row.
     sql = (
         "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at) VALUES "
@@ -237,23 +220,24 @@ def add_requests(
         "UPDATE sessions SET last_seq = max(last_seq, ?) WHERE session_id = ?",
         (max(row[0] for row in rows), session_id),
     )
+    LEDGER.change(username, len(rows))
 
 
 def remove_requests(
     c: sqlite3.Connection, session_id: str, epoch: int, seqs: Sequence[int]
 ) -> None:
-    check_epoch(c, session_id, epoch)
+    username = check_epoch(c, session_id, epoch)
     deleted = c.executemany(
         "DELETE FROM requests WHERE session_id = ? AND seq = ? AND state = 'queued'",
         [(session_id, seq) for seq in seqs],
     ).rowcount
-    _pending_changed(c, session_id, -deleted)
     row = one(c, "SELECT max(seq) FROM requests WHERE session_id = ?", (session_id,))
     highest = row[0] if row and row[0] is not None else 0
     c.execute(
         "UPDATE sessions SET last_seq = min(last_seq, ?) WHERE session_id = ?",
         (max(highest, min(seqs) - 1), session_id),
     )
+    LEDGER.change(username, -deleted)
 
 
 def start_request(c: sqlite3.Connection, session_id: str, seq: int, epoch: int) -> int:
@@ -271,17 +255,20 @@ def finish_request(
     now: float,
     start_next: int | None,
 ) -> tuple[bool, int | None]:
-    if epoch is not None:
-        check_epoch(c, session_id, epoch)
+    username = None if epoch is None else check_epoch(c, session_id, epoch)
     cur = c.execute(
         "UPDATE requests SET state = 'done', final = ?, failed = ?, finished_at = ?"
         " WHERE session_id = ? AND seq = ? AND state != 'done'",
         (final, int(failed), now, session_id, seq),
     )
     stored = cur.rowcount == 1
-    if stored:
-        _pending_changed(c, session_id, -1)
     started = None if start_next is None else _start(c, session_id, start_next)
+    if stored:
+        if username is None:
+            username = one(c, "SELECT username FROM sessions WHERE session_id = ?", (session_id,))[
+                0
+            ]
+        LEDGER.change(username, -1)
     return stored, started
 
 
@@ -294,7 +281,7 @@ def finish_requests(
 ) -> list[int]:
     """Finish the given (seq, final, failed) rows, each seq given once, with
     one UPDATE from a VALUES list; return the seqs it finished."""
-    check_epoch(c, session_id, epoch)
+    username = check_epoch(c, session_id, epoch)
     sql = (
         "UPDATE requests SET state = 'done', final = v.column2, failed = v.column3,"
         " finished_at = ? FROM (VALUES " + ",".join(["(?, ?, ?)"] * len(values)) + ") AS v"
@@ -303,7 +290,7 @@ def finish_requests(
     )
     params = [now, *(v for row in values for v in row), session_id]
     finished = [row[0] for row in c.execute(sql, params).fetchall()]
-    _pending_changed(c, session_id, -len(finished))
+    LEDGER.change(username, -len(finished))
     return finished
 
 
@@ -429,6 +416,7 @@ def delete_user(c: sqlite3.Connection, username: str) -> int | None:
     c.execute("DELETE FROM sessions WHERE lower(username) = ?", (key,))
     c.execute("DELETE FROM kv WHERE lower(username) = ?", (key,))
     c.execute("DELETE FROM user_budgets WHERE lower(username) = ?", (key,))
+    LEDGER.forget(key)
     c.execute("DELETE FROM users WHERE username_lower = ?", (key,))
     return version
 
