@@ -268,7 +268,7 @@ class SessionCore:
         refusal = self.check_op(frame.op, frame.args)
         if refusal is not None:
             return (Refuse(refusal[0], refusal[1], rid),)
-        if self.pending() >= self.max_pending:
+        if len(self.unfinished) + len(self.in_flight) + len(self.incoming) >= self.max_pending:
             message = f"the session already has {self.max_pending} unfinished requests"
             return (Refuse(ErrorCode.QUEUE_FULL, message, rid),)
         if self.max_submits_per_second > 0 and not self._rate_ok(now()):
@@ -378,7 +378,9 @@ class SessionCore:
         self.repair_delay = 0.0  # a result was stored: a later failure retries at once
         self.unfinished.pop(seq, None)
         self.cancels.pop(seq, None)
-        return self.maybe_close()
+        if self.state is SessionState.DRAINING:
+            return self.maybe_close()
+        return _NOTHING
 
     def should_send_final(self, seq: int) -> bool:
         """A final stored before a resume's replay read it, but handed over

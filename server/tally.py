@@ -69,12 +69,16 @@ class _Tally(Collector):
         self.documentation = documentation
         self.labelnames = tuple(labelnames)
         self._children: dict[tuple[str, ...], Any] = {}
-        if not self.labelnames:
-            self._children[()] = self._child()
+        if not self.labelnames:  # the metric is its one child: bind its update
+            child = self._children[()] = self._child()
+            self._bind(child)
         if registry is not None:
             registry.register(self)
 
     def _child(self) -> Any:
+        raise NotImplementedError
+
+    def _bind(self, child: Any) -> None:
         raise NotImplementedError
 
     def labels(self, *values: str) -> Any:
@@ -97,8 +101,12 @@ class CounterTally(_Tally):
     def _child(self) -> _Count:
         return _Count()
 
+    def _bind(self, child: _Count) -> None:
+        self.inc = child.inc  # type: ignore[method-assign]
+
     def inc(self, amount: float = 1) -> None:
-        self._children[()].value += amount
+        """Unlabelled only (replaced by the child's own ``inc``)."""
+        raise ValueError(f"{self.name} has labels {self.labelnames}: use labels(...).inc()")
 
     def _family(self) -> CounterMetricFamily:
         return CounterMetricFamily(self.name, self.documentation, labels=self.labelnames)
@@ -129,8 +137,12 @@ class HistogramTally(_Tally):
     def _child(self) -> _Buckets:
         return _Buckets(self.bounds)
 
+    def _bind(self, child: _Buckets) -> None:
+        self.observe = child.observe  # type: ignore[method-assign]
+
     def observe(self, amount: float) -> None:
-        self._children[()].observe(amount)
+        """Unlabelled only (replaced by the child's own ``observe``)."""
+        raise ValueError(f"{self.name} has labels {self.labelnames}: use labels(...).observe()")
 
     def _family(self) -> HistogramMetricFamily:
         return HistogramMetricFamily(self.name, self.documentation, labels=self.labelnames)

@@ -8,10 +8,10 @@ session's user in each: about a tenth of the writer process's time at
 one transaction, so the ledger keeps the changes of the current transaction
 in memory, per user, and :meth:`PendingLedger.flush` writes them just before
 the commit: one statement per user per transaction. A check against the
-budget reads the user's stored count once per transaction (and only when a
-limit is set). While the transaction is open no other process writes (``BEGIN
-IMMEDIATE`` holds SQLite's write lock; another worker's writer waits), so a
-count read stays true until the commit.
+budget adds the transaction's changes to the stored count, which the add
+reads along with its session's epoch. While the transaction is open no other
+process writes (``BEGIN IMMEDIATE`` holds SQLite's write lock; another
+worker's writer waits), so the stored count is the one at its start.
 
 A write changes the ledger only after its statements succeeded, so a write
 that fails (and is rolled back to its savepoint) leaves it as it was; a
@@ -30,27 +30,18 @@ __all__ = ["LEDGER", "PendingLedger"]
 
 class PendingLedger:
     def __init__(self) -> None:
-        self._stored: dict[str, int] = {}  # the count at the transaction's start
         self._delta: dict[str, int] = {}  # this transaction's changes
 
     def begin(self) -> None:
         """A transaction starts: nothing read, nothing changed."""
-        self._stored.clear()
         self._delta.clear()
 
-    def check(self, c: sqlite3.Connection, username: str, count: int, limit: int | None) -> None:
+    def check(self, username: str, count: int, limit: int, *, stored: int) -> None:
         """Raise BudgetExceeded unless ``count`` more unfinished requests keep
-        ``username`` within ``limit`` (None: no limit, nothing read)."""
-        if limit is None:
-            return
+        ``username`` within ``limit``; ``stored`` is the user's count as read in
+        this transaction (the caller reads it along with the session)."""
         if count > limit:
             raise BudgetExceeded(Budget.PENDING, limit)
-        stored = self._stored.get(username)
-        if stored is None:
-            row = c.execute(
-                "SELECT pending FROM user_budgets WHERE username = ?", (username,)
-            ).fetchone()
-            stored = self._stored[username] = 0 if row is None else int(row[0])
         if max(0, stored + self._delta.get(username, 0)) + count > limit:
             raise BudgetExceeded(Budget.PENDING, limit)
 
@@ -63,7 +54,6 @@ class PendingLedger:
         """The user is deleted in this transaction: nothing of theirs to write."""
         for name in [u for u in self._delta if u.lower() == username_lower]:
             del self._delta[name]
-            self._stored.pop(name, None)
 
     def flush(self, c: sqlite3.Connection) -> None:
         """Write this transaction's changes (call just before the commit)."""

@@ -202,8 +202,19 @@ def add_requests(
     now: float,
     max_pending: int | None = None,
 ) -> None:
-    username = check_epoch(c, session_id, epoch)
-    LEDGER.check(c, username, len(rows), max_pending)
+    if max_pending is None:
+        username = check_epoch(c, session_id, epoch)
+    else:  # the epoch check reads the user's stored count along (one statement)
+        row = one(
+            c,
+            "SELECT s.epoch, s.username, b.pending FROM sessions s"
+            " LEFT JOIN user_budgets b ON b.username = s.username WHERE s.session_id = ?",
+            (session_id,),
+        )
+        if row is None or row[0] != epoch:
+            raise Fenced(f"session {session_id}: epoch {epoch} is not current ({row and row[0]})")
+        username = row[1]
+        LEDGER.check(username, len(rows), max_pending, stored=row[2] or 0)
     # One statement for the whole batch rather than one per row.
     sql = (
         "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at) VALUES "

@@ -56,6 +56,11 @@ def test_labels_must_match_the_label_names() -> None:
     t = tally.CounterTally("y_total", "Y", ["op", "outcome"], CollectorRegistry())
     with pytest.raises(ValueError, match="labels"):
         t.labels("echo")
+    with pytest.raises(ValueError, match="labels"):
+        t.inc()  # a labelled metric is updated through its children
+    h = tally.HistogramTally("h", "H", ["op"], buckets=BUCKETS, registry=CollectorRegistry())
+    with pytest.raises(ValueError, match="labels"):
+        h.observe(1.0)
 
 
 def test_with_workers_the_values_are_prometheus_clients_shared_ones(
