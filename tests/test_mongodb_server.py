@@ -18,30 +18,25 @@ import asyncio
 import json
 import os
 import subprocess
-import sys
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-import websockets
 from conftest import (
-    BROKER_URL,
-    PASSWORD,
     UNIT,
     Client,
     ClientFactory,
     ServerFactory,
     finals_of,
-    unique_name,
 )
+from test_faults import ServerProcess, open_client, spawn_server
 
 from server.app import Server
 
 ROOT = Path(__file__).resolve().parent.parent
 EMULATOR_PYTHON = ROOT / ".venv-mongo" / "bin" / "python"
 PROBE = Path(__file__).with_name("mongo_emulator_probe.py")
-SECRET = "mongodb-server-tests-secret-of-32-bytes"
 
 
 @pytest.fixture
@@ -131,55 +126,15 @@ async def test_a_second_connection_resuming_takes_over_with_4409(
 
 
 # -- a crash -------------------------------------------------------------------------
-class ServerProcess:
-    """``sessionq serve`` as a child process, to be killed like a crash."""
-
-    def __init__(self, proc: asyncio.subprocess.Process, port: int) -> None:
-        self.proc, self.port = proc, port
-
-    async def kill(self) -> None:
-        if self.proc.returncode is None:
-            self.proc.kill()
-        await asyncio.wait_for(self.proc.wait(), 4 * UNIT)
-
-    async def client(self, token: str | None = None) -> Client:
-        client = Client(await websockets.connect(f"ws://127.0.0.1:{self.port}/ws"))
-        if token is None:
-            name = unique_name("m")
-            await client.send({"type": "register", "username": name, "password": PASSWORD})
-        else:
-            await client.send({"type": "auth", "token": token})
-        client.welcome = await client.recv(2 * UNIT)
-        assert client.welcome["type"] == "welcome", client.welcome
-        return client
-
-
 @pytest.fixture
 async def start_process(
     mongodb_store_url: str,
 ) -> AsyncIterator[Callable[[], Awaitable[ServerProcess]]]:
+    """``sessionq serve`` processes on the test's MongoDB database, to be killed like a crash."""
     started: list[ServerProcess] = []
 
     async def start() -> ServerProcess:
-        env = {
-            **os.environ,
-            "SESSIONQ_BROKER_URL": BROKER_URL,
-            "SESSIONQ_STORE_URL": mongodb_store_url,
-            "SESSIONQ_JWT_SECRET": SECRET,
-            "SESSIONQ_BCRYPT_ROUNDS": "4",
-            "SESSIONQ_LEASE_SECONDS": "1",
-            "SESSIONQ_OPS": "tests.ops_for_tests",
-            "SESSIONQ_LOG_FORMAT": "json",
-            "SESSIONQ_LOG_LEVEL": "WARNING",
-        }
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "server.cli", "serve", "--port", "0",
-            env=env, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
-        )  # fmt: skip
-        assert proc.stdout is not None
-        line = await asyncio.wait_for(proc.stdout.readline(), 6 * UNIT)
-        assert b"listening on" in line, line
-        server = ServerProcess(proc, int(line.rsplit(b":", 1)[1].split(b"/")[0]))
+        server = await spawn_server(mongodb_store_url)
         started.append(server)
         return server
 
@@ -195,7 +150,7 @@ async def test_a_crash_mid_queue_then_a_restart_and_resume(
     adopts the session once the lease lapses, runs the running one again and
     the rest after it, one final per seq, in order."""
     first = await start_process()
-    client = await first.client()
+    client = await open_client(first)
     await client.submit("r1", "echo", {"n": 1})
     await client.submit("r2", "test.attempt", {"seconds": 1})
     for i in range(3, 6):
@@ -214,7 +169,7 @@ async def test_a_crash_mid_queue_then_a_restart_and_resume(
     await first.kill()
 
     second = await start_process()
-    again = await second.client(client.welcome["token"])
+    again = await open_client(second, client.welcome["token"])
     await again.send({"type": "resume", "session": client.welcome["session"], "after": 1})
     resumed = (await again.recv_until(lambda f: f["type"] in ("resumed", "error"), 4 * UNIT))[-1]
     assert (resumed["type"], resumed["last_seq"]) == ("resumed", 5), resumed
