@@ -274,11 +274,10 @@ def finish_request(
     )
     stored = cur.rowcount == 1
     started = None if start_next is None else _start(c, session_id, start_next)
-    if stored:
-        if username is None:
-            username = one(c, "SELECT username FROM sessions WHERE session_id = ?", (session_id,))[
-                0
-            ]
+    if stored and username is None:  # a cancel: no epoch given, look the user up
+        row = one(c, "SELECT username FROM sessions WHERE session_id = ?", (session_id,))
+        username = None if row is None else row[0]
+    if stored and username is not None:
         LEDGER.change(username, -1)
     return stored, started
 
@@ -427,8 +426,8 @@ def delete_user(c: sqlite3.Connection, username: str) -> int | None:
     c.execute("DELETE FROM sessions WHERE lower(username) = ?", (key,))
     c.execute("DELETE FROM kv WHERE lower(username) = ?", (key,))
     c.execute("DELETE FROM user_budgets WHERE lower(username) = ?", (key,))
-    LEDGER.forget(key)
     c.execute("DELETE FROM users WHERE username_lower = ?", (key,))
+    LEDGER.forget(key)  # last: a write changes the ledger only once it succeeded
     return version
 
 

@@ -84,3 +84,15 @@ def test_a_user_deleted_in_the_transaction_leaves_no_count(db: sqlite3.Connectio
     assert results[0] == (True, None) and results[1][0]
     assert pending(db, "alice") is None
     assert pending(db, "bob") is None  # never written: bob changed nothing
+
+
+def test_a_cancel_of_a_request_without_a_session_row_is_stored_and_counts_nothing(
+    db: sqlite3.Connection,
+) -> None:
+    db.execute(
+        "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at)"
+        " VALUES ('gone', 1, 'c1', 'echo', '{}', 'queued', 0)"
+    )
+    cancel = (writes.finish_request, ("gone", 1, None, "{}", True, 2.0, None))
+    assert writes.run_batch(db, [cancel]) == [(True, (True, None))]
+    assert db.execute("SELECT count(*) FROM user_budgets").fetchone() == (0,)
