@@ -7,9 +7,17 @@ honest way on a shared machine: it alternates the two builds round by round
 (another job, the CPU's clock) lands on both, and it drives both with this
 tree's harness (``bench/``, ``clients/``); only the server differs, started
 from each build's own virtualenv. Each round is one ``python -m bench.run
---only ROWS`` per build (its median of three runs); the summary gives each
-round's medians, the mean over the rounds and the spread of each build's own
-rounds, which is the noise a difference has to beat.
+--only ROWS`` per build (its median of three runs), the order swapped every
+other round (before-after, after-before, ...) so that a steady drift does not
+land on one side; the summary gives each round's medians, the mean over the
+rounds and the spread of each build's own rounds, which is the noise a
+difference has to beat.
+
+The benchmark starts a server through the ``sessionq`` script beside the
+Python that runs it, so each build's own code is measured. Before the first
+round this tool checks that: both builds must have that script, and their
+``server`` packages must come from different trees (else it would compare a
+build with itself and print a ratio of about 1.0).
 
     # a checkout of the code before the change, with its own virtualenv:
     git worktree add ../before <commit> && (cd ../before && scripts/sessionq setup)
@@ -28,6 +36,28 @@ from pathlib import Path
 from typing import Any
 
 ROWS = "sessionq:100x1,sessionq:100x16"
+
+
+BUILDS = ("before", "after")
+
+
+def order(round_number: int) -> tuple[str, str]:
+    """The builds' order in round ``round_number`` (from 1): swapped every other round."""
+    return BUILDS if round_number % 2 else (BUILDS[1], BUILDS[0])
+
+
+def origin(python: str) -> Path:
+    """The tree whose ``server`` package ``python``'s ``sessionq`` script runs
+    (asked from a neutral directory, as a console script sees it)."""
+    if not (Path(python).parent / "sessionq").exists():
+        raise SystemExit(f"{python}: no sessionq script beside it: set that build up first")
+    found = subprocess.run(
+        [python, "-P", "-c", "import server; print(server.__file__)"],
+        cwd=tempfile.gettempdir(), capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    if found.returncode != 0:
+        raise SystemExit(f"{python}: cannot import server: {found.stderr.strip()[-300:]}")
+    return Path(found.stdout.strip()).resolve().parent.parent
 
 
 def medians(report: dict[str, Any]) -> dict[str, tuple[float, float]]:
@@ -78,21 +108,29 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--only", default=ROWS, help=f"rows of bench.run (default {ROWS})")
     p.add_argument("--json", type=Path, help="also write every round's medians here")
     args = p.parse_args(argv)
+    pythons = {"before": args.before, "after": args.after}
+    trees = {build: origin(python) for build, python in pythons.items()}
+    if trees["before"] == trees["after"]:
+        print(
+            f"both builds run the server of {trees['before']}: nothing to compare", file=sys.stderr
+        )
+        return 2
     rounds: list[dict[str, dict[str, tuple[float, float]]]] = []
     with tempfile.TemporaryDirectory() as tmp:
         for n in range(1, args.rounds + 1):
             this: dict[str, dict[str, tuple[float, float]]] = {}
-            for build, python in (("before", args.before), ("after", args.after)):
+            for build in order(n):
                 out = Path(tmp) / f"{build}-{n}.json"
-                command = [python, "-m", "bench.run", "--only", args.only, "--no-write"]
+                command = [pythons[build], "-m", "bench.run", "--only", args.only, "--no-write"]
                 subprocess.run(
                     [*command, "--json", str(out)], check=True, stdout=subprocess.DEVNULL
                 )
                 this[build] = medians(json.loads(out.read_text()))
                 print(f"round {n} {build}: {this[build]}", file=sys.stderr, flush=True)
             rounds.append(this)
-    if args.json:
-        args.json.write_text(json.dumps(rounds, indent=1))
+            if args.json:  # every finished round, in case a later one fails
+                args.json.write_text(json.dumps(rounds, indent=1))
+    print(f"before: {trees['before']}; after: {trees['after']}\n")
     print(summary(rounds))
     return 0
 

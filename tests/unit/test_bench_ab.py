@@ -3,9 +3,12 @@ ratio that docs/performance.md quotes."""
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
-from bench.ab import medians, summary
+import pytest
+
+from bench.ab import main, medians, order, summary
 
 
 def report(rows: dict[str, list[tuple[float, float]]]) -> dict[str, Any]:
@@ -31,3 +34,15 @@ def test_the_summary_gives_every_round_the_mean_the_spread_and_the_ratio() -> No
     lines = summary(rounds).splitlines()
     assert lines[2] == "| `a:1` | before | 2,000, 2,200 | 2,100 | 6.7% | 390 |  |"
     assert lines[3] == "| `a:1` | after | 1,900, 2,100 | 2,000 | 7.1% | 410 | 0.952 |"
+
+
+def test_the_builds_take_turns_at_going_first() -> None:
+    assert [order(n) for n in (1, 2, 3, 4)] == [
+        ("before", "after"), ("after", "before"), ("before", "after"), ("after", "before")
+    ]  # fmt: skip
+
+
+def test_a_build_is_not_compared_with_itself(capsys: pytest.CaptureFixture[str]) -> None:
+    # This virtualenv twice: both run this tree's server; refused before any run.
+    assert main(["--before", sys.executable, "--after", sys.executable, "--rounds", "1"]) == 2
+    assert "nothing to compare" in capsys.readouterr().err
