@@ -13,7 +13,7 @@ import io
 import os
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from conftest import (
     unique_name,
 )
 from loguru import logger
+from test_faults import ServerProcess, spawn_server
 
 from server import logs
 from server.app import Server
@@ -275,34 +276,14 @@ def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 @pytest.fixture
 async def two_processes(shared_store: str) -> AsyncIterator[list[int]]:
     """Two ``sessionq serve`` processes on one store; yields their ports."""
-    procs = []
-    env = {
-        **os.environ,
-        "SESSIONQ_BROKER_URL": BROKER_URL,
-        "SESSIONQ_STORE_URL": shared_store,
-        "SESSIONQ_JWT_SECRET": "identity-test-secret-of-32-bytes-at-least",
-        "SESSIONQ_BCRYPT_ROUNDS": "4",
-        "SESSIONQ_LOG_FORMAT": "json",
-        "SESSIONQ_LOG_LEVEL": "WARNING",
-    }
-    ports = []
+    servers: list[ServerProcess] = []
     try:
         for _ in range(2):
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "server.cli", "serve", "--port", "0",
-                env=env, stdout=asyncio.subprocess.PIPE, cwd=ROOT,
-            )  # fmt: skip
-            procs.append(proc)
-            assert proc.stdout is not None
-            line = await asyncio.wait_for(proc.stdout.readline(), 6 * UNIT)
-            assert b"listening on" in line, line
-            ports.append(int(line.rsplit(b":", 1)[1].split(b"/")[0]))
-        yield ports
+            servers.append(await spawn_server(shared_store))
+        yield [server.port for server in servers]
     finally:
-        for proc in procs:
-            if proc.returncode is None:
-                proc.kill()
-            await asyncio.wait_for(proc.wait(), 4 * UNIT)
+        for server in servers:
+            await server.kill()
 
 
 async def open_on(port: int, frame: dict[str, Any]) -> Client:
@@ -406,12 +387,12 @@ async def test_registrations_are_counted_per_forwarded_address(
 
 # -- 4. secrets out of logs ------------------------------------------------------------------
 @pytest.fixture
-def captured_logs() -> AsyncIterator[io.StringIO]:
+def captured_logs() -> Iterator[io.StringIO]:
     """Everything the server logs at DEBUG, as the production sink writes it."""
     stream = io.StringIO()
     logs.configure("json", "DEBUG", stream)
     try:
-        yield stream  # type: ignore[misc]
+        yield stream
     finally:
         logger.remove()
         logger.add(sys.stderr, level="WARNING")
