@@ -1,10 +1,10 @@
 """The PostgreSQL store's writer: group commit on a connection of its own.
 
-* Every write is queued to one task, which takes everything queued, sends it
-  as one call of the server-side function ``sessionq_batch``
-  (:mod:`.postgres_schema`) and answers each caller. Writes that arrive while
-  that call runs form the next batch, across sessions: no timer, no added
-  latency when one write is in flight. One call is one round trip and one
+* Group commit (:mod:`.group_commit`): every write is queued to one task,
+  which sends everything queued as one call of the server-side function
+  ``sessionq_batch`` (:mod:`.postgres_schema`) and answers each caller;
+  writes that arrive while that call runs form the next batch, across
+  sessions. One call is one round trip and one
   commit (it runs outside an explicit transaction), however many writes the
   batch holds: on a busy event loop every round trip costs a turn of the loop,
   so a round trip per write would bound throughput. A batch of many adds and
@@ -26,8 +26,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import asyncpg
@@ -35,6 +34,7 @@ import orjson
 
 from .base import Fenced, StoreError, UserExists
 from .budgets import BudgetExceeded
+from .group_commit import GroupCommit
 
 DEADLOCK_RETRIES = 3
 # Errors of the connection rather than of what was sent: running the batch
@@ -46,25 +46,19 @@ RETRIED = (asyncpg.DeadlockDetectedError, asyncpg.SerializationError)
 SENT_ERRORS = (asyncpg.IntegrityConstraintViolationError, asyncpg.DataError)
 
 
-class Writer:
+class Writer(GroupCommit[bytes]):
     """Runs writes (``[name, args...]``, as ``sessionq_op`` takes them) in
     batches on ``pool``'s one connection; ``failed(n)`` is told of n writes
     that failed for the store's own reasons."""
 
-    def __init__(self, pool: asyncpg.Pool, failed: Callable[[int], None]) -> None:
-        self.commits = 0  # batches committed
+    def __init__(self, pool: asyncpg.Pool, failed: Callable[[int], object]) -> None:
+        super().__init__(failed, name="postgresql writer")
         self._pool = pool
-        self._failed = failed
-        self._pending: list[tuple[bytes, asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
-        self._closing = False
-        self._task = asyncio.create_task(self._loop(), name="postgresql writer")
+        self.start()
 
     async def close(self) -> None:
         """Run what is queued, then close the connection. Writes after it fail."""
-        self._closing = True
-        self._wakeup.set()
-        await self._task
+        await super().close()
         await self._pool.close()
 
     async def write(self, op: list[Any]) -> Any:
@@ -72,17 +66,14 @@ class Writer:
         or raise what its outcome says (Fenced, UserExists, BudgetExceeded,
         StoreError)."""
         if self._closing:
-            raise StoreError("the store is not open")
+            raise StoreError("the store is not open")  # before the checks below
         if _has_nul(op):  # a value PostgreSQL cannot take fails here, alone
             raise StoreError("postgresql: text cannot contain the NUL character")
         try:
             encoded = orjson.dumps(op)
         except TypeError as e:  # a lone surrogate
             raise StoreError(f"postgresql: cannot store {e}") from e
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self._pending.append((encoded, future))
-        self._wakeup.set()
-        outcome = await future
+        outcome = await self._queue(encoded)
         if "e" not in outcome:
             return outcome["r"]
         kind = outcome["e"]
@@ -94,41 +85,12 @@ class Writer:
             raise BudgetExceeded(outcome["b"], int(outcome["l"]))
         raise StoreError(f"postgresql: {outcome.get('m', kind)}")
 
-    async def _loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch, self._pending = self._pending, []
-            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
-            if batch:
-                await self._commit(batch)
+    def _failure(self, exc: Exception) -> StoreError:
+        error = StoreError(f"postgresql: {exc}")
+        error.__cause__ = exc
+        return error
 
-    async def _commit(self, batch: list[tuple[bytes, asyncio.Future[Any]]]) -> None:
-        try:
-            outcomes = await self._run([op for op, _ in batch])
-        except Exception as e:  # the call failed: nothing of the batch is stored
-            self._failed(len(batch))
-            for _, fut in batch:
-                if not fut.done():
-                    error = StoreError(f"postgresql: {e}")
-                    error.__cause__ = e
-                    fut.set_exception(error)
-            return
-        except asyncio.CancelledError:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(StoreError("the store's writer was cancelled"))
-            raise
-        self.commits += 1
-        for (_, fut), outcome in zip(batch, outcomes, strict=True):
-            if not fut.done():
-                fut.set_result(outcome)
-
-    async def _run(self, ops: list[bytes]) -> list[dict[str, Any]]:
+    async def _run(self, ops: Sequence[bytes]) -> list[dict[str, Any]]:
         """One call of sessionq_batch for ``ops`` (each a JSON array): plainly,
         then carefully if the plain call failed for something sent; raises if
         the call fails."""

@@ -4,7 +4,7 @@ Why it is built this way:
 
 * Group commit. A commit costs about as much as the work in it (DESIGN.md:
   ~4k requests/s one commit each, 37k/s sixteen at a time), so every write is
-  queued to one writer task (:class:`.sqlite_writer.GroupCommit`).
+  queued to one writer task (:class:`.sqlite_writer.SqliteGroupCommit`).
 * The whole batch, BEGIN to COMMIT, runs in a writer process of its own
   (:mod:`.sqlite_writer`), sent as one message of ``(function, args)`` pairs.
   On a thread of the server's process each SQLite step waited for the event
@@ -43,7 +43,7 @@ from .base import (
 from .budgets import UserUsage, kv_size
 from .sqlite_identity import SqliteIdentity
 from .sqlite_schema import REQUEST_COLUMNS, SESSION_COLUMNS, setup
-from .sqlite_writer import GroupCommit, WriterProcess
+from .sqlite_writer import SqliteGroupCommit, WriterProcess
 from .sqlite_writes import one
 
 T = TypeVar("T")
@@ -61,7 +61,9 @@ class SqliteStore(SqliteIdentity, Store):
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._process = WriterProcess(self.path, busy_timeout)
-        self._group = GroupCommit(self._process, self._failed, name=f"sqlite writer {self.path}")
+        self._group = SqliteGroupCommit(
+            self._process, self._failed, name=f"sqlite writer {self.path}"
+        )
 
     # -- lifecycle -----------------------------------------------------------
     async def open(self) -> None:

@@ -1,12 +1,9 @@
 """The SQLite store's writer: the group commit, and the writer process that
 runs it (both ends of its pipe).
 
-Group commit. A commit costs about as much as the work in it (DESIGN.md:
-~4k requests/s one commit each, 37k/s sixteen at a time), so every write is
-queued to one writer task. The writer takes everything queued, runs it in one
-transaction, commits once and then answers each caller. Writes that arrive
-while a commit runs form the next batch: no timer, and no added latency when
-only one write is in flight.
+Group commit (:mod:`.group_commit`): every write is queued to one writer
+task, which runs everything queued in one transaction on the writer process,
+commits once and then answers each caller.
 
 Why a process: a group commit is a few hundred SQLite steps, and the sqlite3
 module takes the GIL back after each one. On a thread of the server's own
@@ -51,6 +48,7 @@ from typing import IO, Any, TypeVar
 from loguru import logger
 
 from .base import StoreError
+from .group_commit import GroupCommit
 from .sqlite_writes import Write, store_error
 
 HEADER = struct.Struct("!I")
@@ -165,79 +163,34 @@ class WriterProcess:
         return await proc.wait()
 
 
-class GroupCommit:
-    """The writer task: runs what is queued as one batch on the writer process."""
+class SqliteGroupCommit(GroupCommit[Write]):
+    """The SQLite store's writer task: each batch runs as one transaction on
+    the writer process."""
 
     def __init__(
-        self, process: WriterProcess, on_failed: Callable[[int], None], *, name: str
+        self, process: WriterProcess, on_failed: Callable[[int], object], *, name: str
     ) -> None:
+        super().__init__(on_failed, name=name)
         self.process = process
-        self.on_failed = on_failed  # told how many writes a failed transaction took
-        self.name = name
-        self.commits = 0  # transactions committed
-        self._pending: list[tuple[Write, asyncio.Future[Any]]] = []
-        self._wakeup = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-        self._closing = False
-
-    def start(self) -> None:
-        self._closing = False
-        self._task = asyncio.create_task(self._loop(), name=self.name)
-
-    async def close(self) -> None:
-        """Stop taking writes; return once what was queued has run."""
-        self._closing = True
-        self._wakeup.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
 
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Queue ``fn(connection, *args)`` for the next batch; return its result
         once committed. ``fn`` runs in the writer process: a module-level
         function of :mod:`.sqlite_writes`, its args picklable."""
-        if self._task is None or self._closing:
-            raise StoreError("the store is not open")
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._pending.append(((fn, args), future))
-        self._wakeup.set()
-        return await future
+        return await self._queue((fn, args))  # type: ignore[no-any-return]
 
-    async def _loop(self) -> None:
-        while True:
-            if not self._pending:
-                if self._closing:
-                    return
-                self._wakeup.clear()
-                await self._wakeup.wait()
-                continue
-            batch, self._pending = self._pending, []
-            batch = [(op, fut) for op, fut in batch if not fut.cancelled()]
-            if batch:
-                await self._commit(batch)
+    async def _run(self, ops: Sequence[Write]) -> Sequence[tuple[bool, Any]]:
+        return await self.process.run(ops)
 
-    async def _commit(self, batch: list[tuple[Write, asyncio.Future[Any]]]) -> None:
-        try:
-            outcomes = await self.process.run([write for write, _ in batch])
-        except Exception as e:  # the transaction failed: nothing of the batch is stored
-            self.on_failed(len(batch))
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(store_error(e))
-            return
-        except asyncio.CancelledError:
-            for _, fut in batch:
-                if not fut.done():
-                    fut.set_exception(StoreError("the store's writer was cancelled"))
-            raise
-        self.commits += 1
-        for (_, fut), (ok, value) in zip(batch, outcomes, strict=True):
-            if fut.done():
-                continue
-            if ok:
-                fut.set_result(value)
-            else:
-                fut.set_exception(value)
+    def _failure(self, exc: Exception) -> Exception:
+        return store_error(exc)
+
+    def _settle(self, future: asyncio.Future[Any], outcome: tuple[bool, Any]) -> None:
+        ok, value = outcome
+        if ok:
+            future.set_result(value)
+        else:
+            future.set_exception(value)
 
 
 # -- the child's end ----------------------------------------------------------
