@@ -29,7 +29,9 @@ from concurrent.futures import Executor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
-__all__ = ["UserSlots", "slots_for", "waiting_total", "waits_total"]
+from server import metrics
+
+__all__ = ["UserSlots", "slots_for"]
 
 
 @dataclass(slots=True)
@@ -41,16 +43,17 @@ class _Holder:
 class UserSlots:
     """A counting semaphore per user, fair (FIFO) within each user.
 
-    Users with nothing held and nothing waiting take no memory. ``waits``
-    counts the acquisitions that had to wait (the budget was hit);
-    ``waiting()`` is how many wait now.
+    Users with nothing held and nothing waiting take no memory. The waits
+    are counted, without per-user labels, in ``sessionq_cpu_slot_waits_total``
+    (every acquisition that had to wait: the budget was hit) and
+    ``sessionq_cpu_slot_waiting`` (how many wait now); ``waiting()`` is this
+    table's own count.
     """
 
     def __init__(self, per_user: int) -> None:
         if per_user < 1:
             raise ValueError("per_user must be at least 1")
         self.per_user = per_user
-        self.waits = 0
         self._users: dict[str, _Holder] = {}
 
     def held(self, user: str) -> int:
@@ -75,7 +78,8 @@ class UserSlots:
         if holder.held < self.per_user and not holder.waiters:
             holder.held += 1
             return
-        self.waits += 1
+        metrics.cpu_slot_waits.inc()
+        metrics.cpu_slot_waiting.inc()
         granted: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         holder.waiters.append(granted)
         try:
@@ -89,6 +93,8 @@ class UserSlots:
                     holder.waiters.remove(granted)
                 self._forget_if_idle(user, holder)
             raise
+        finally:
+            metrics.cpu_slot_waiting.dec()
 
     def release(self, user: str) -> None:
         """Give the slot to the user's first waiter, or free it."""
@@ -120,14 +126,3 @@ def slots_for(pool: Executor | None, per_user: int) -> UserSlots:
     else:
         table.per_user = per_user
     return table
-
-
-def waits_total() -> int:
-    """CPU ops of this process that had to wait for their user's slot, ever
-    (the budget was hit): for a metric, without per-user labels."""
-    return sum(table.waits for table in list(_tables.values()))
-
-
-def waiting_total() -> int:
-    """CPU ops of this process waiting for their user's slot now."""
-    return sum(table.waiting() for table in list(_tables.values()))

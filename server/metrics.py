@@ -138,6 +138,15 @@ budget_refusals = Counter(
 progress_dropped = Counter(
     f"{NS}_progress_dropped_total", "Progress frames over SESSIONQ_MAX_RESULT_BYTES, not sent"
 )
+cpu_slot_waits = Counter(
+    f"{NS}_cpu_slot_waits_total",
+    "CPU ops that had to wait for one of their user's SESSIONQ_CPU_SLOTS_PER_USER slots",
+)
+cpu_slot_waiting = Gauge(
+    f"{NS}_cpu_slot_waiting",
+    "CPU ops waiting for their user's slot now",
+    multiprocess_mode="livesum",
+)
 
 
 def prime(ops: Iterable[str] = ()) -> None:
