@@ -46,10 +46,9 @@ when the server is gone.
 from __future__ import annotations
 
 import contextlib
-import functools
 import time
-from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
-from typing import Any, ParamSpec, TypeVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from bson import ObjectId
 from pymongo import ASCENDING, DESCENDING, AsyncMongoClient, IndexModel, ReturnDocument
@@ -71,9 +70,8 @@ from .base import (
 )
 from .budgets import Budget, BudgetExceeded, UserUsage, kv_size
 from .mongodb_identity import MongoIdentity
+from .translate import translating
 
-P = ParamSpec("P")
-R = TypeVar("R")
 Doc = dict[str, Any]
 
 DEFAULT_DATABASE = "sessionq"
@@ -85,19 +83,8 @@ USERS_CACHED = 100_000  # session id -> username, kept for the budget counters
 DERIVED = "budgets derived"  # the meta document that says the counters exist
 
 
-def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn PyMongo's errors into StoreError (a method's: counted as failures)."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except PyMongoError as e:
-            if args and isinstance(args[0], Store):
-                args[0]._failed()
-            raise StoreError(f"mongodb: {e}") from e
-
-    return wrapper
+#: PyMongo's errors become StoreError (a method's: counted as failures).
+translated = translating((PyMongoError,), "mongodb")
 
 
 class MongoStore(MongoIdentity, Store):

@@ -16,35 +16,20 @@ user, its version and the jti in up to three finds (one per collection; no
 
 from __future__ import annotations
 
-import functools
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 from pymongo import ReturnDocument
 from pymongo.asynchronous.collection import AsyncCollection
 from pymongo.asynchronous.database import AsyncDatabase
 from pymongo.errors import PyMongoError
 
-from .base import Store, StoreError, TokenState
+from .base import TokenState
+from .translate import translating
 
 Doc = dict[str, Any]
-P = ParamSpec("P")
-R = TypeVar("R")
 
 
-def _translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """PyMongo's errors become StoreError, counted as failures (as mongodb.py)."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except PyMongoError as e:
-            if args and isinstance(args[0], Store):
-                args[0]._failed()
-            raise StoreError(f"mongodb: {e}") from e
-
-    return wrapper
+_translated = translating((PyMongoError,), "mongodb")  # as mongodb.py's
 
 
 class MongoIdentity:

@@ -3,33 +3,16 @@ cannot hold, and the database's clock against this process's."""
 
 from __future__ import annotations
 
-import functools
 import time
-from collections.abc import Awaitable, Callable, Coroutine
-from typing import Any, ParamSpec, TypeVar
 
 import asyncpg
 
-from .base import Store, StoreError
+from .base import StoreError
 from .postgres_writer import CONNECTION_ERRORS
+from .translate import translating
 
-P = ParamSpec("P")
-R = TypeVar("R")
-
-
-def translated(fn: Callable[P, Awaitable[R]]) -> Callable[P, Coroutine[Any, Any, R]]:
-    """Turn asyncpg's and the OS's errors of a read into StoreError (counted)."""
-
-    @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        try:
-            return await fn(*args, **kwargs)
-        except (asyncpg.PostgresError, *CONNECTION_ERRORS, TimeoutError) as e:
-            if args and isinstance(args[0], Store):
-                args[0]._failed()
-            raise StoreError(f"postgresql: {e}") from e
-
-    return wrapper
+#: Turn asyncpg's and the OS's errors of a call into StoreError (counted).
+translated = translating((asyncpg.PostgresError, *CONNECTION_ERRORS, TimeoutError), "postgresql")
 
 
 def check_text(*values: str) -> None:
