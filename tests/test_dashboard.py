@@ -168,6 +168,8 @@ def test_the_dashboard_has_the_panels_the_operators_need() -> None:
         "publish_seconds",
         "session_takeovers_total",
         "requests_refused_total",
+        "budget_refusals_total",
+        "cpu_slot_waiting",
     ):
         assert f"sessionq_{family}" in exprs, family
 
