@@ -26,6 +26,12 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 # Raise the name's version (creating its row): every earlier token is revoked.
+# The user name's next token version (every token issued before is refused).
+_NEXT_VERSION = (
+    "INSERT INTO user_tokens (username_lower, version) VALUES ($1, 1)"
+    " ON CONFLICT (username_lower) DO UPDATE"
+    " SET version = user_tokens.version + 1 RETURNING version"
+)
 _BUMP = (
     "INSERT INTO user_tokens (username_lower, version, disabled) VALUES ($1, $2, $3)"
     " ON CONFLICT (username_lower) DO UPDATE"
@@ -86,14 +92,7 @@ class PostgresIdentity:
     @_translated
     async def revoke_user(self, username: str) -> int | None:
         async def bump(c: asyncpg.Connection, key: str) -> int:
-            return int(
-                await c.fetchval(
-                    "INSERT INTO user_tokens (username_lower, version) VALUES ($1, 1)"
-                    " ON CONFLICT (username_lower) DO UPDATE"
-                    " SET version = user_tokens.version + 1 RETURNING version",
-                    key,
-                )
-            )
+            return int(await c.fetchval(_NEXT_VERSION, key))
 
         return await self._user_tx(username, bump)
 
@@ -110,14 +109,7 @@ class PostgresIdentity:
             await c.execute(
                 "UPDATE users SET password_hash = $2 WHERE username_lower = $1", key, password_hash
             )
-            return int(
-                await c.fetchval(
-                    "INSERT INTO user_tokens (username_lower, version) VALUES ($1, 1)"
-                    " ON CONFLICT (username_lower) DO UPDATE"
-                    " SET version = user_tokens.version + 1 RETURNING version",
-                    key,
-                )
-            )
+            return int(await c.fetchval(_NEXT_VERSION, key))
 
         return await self._user_tx(username, change)
 
