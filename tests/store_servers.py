@@ -158,3 +158,22 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path, store_kind: str) -
     if store_kind == "postgresql":
         return str(request.getfixturevalue("postgres_url"))
     return f"sqlite:///{tmp_path}/sq.db"
+
+
+# -- every store, for the tests of processes that share one ----------------------------
+EVERY_STORE = [
+    pytest.param("sqlite", id="sqlite"),
+    pytest.param("postgresql", id="postgresql"),
+    pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
+]
+
+
+def every_store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A store that several server processes share, for a fixture parametrized
+    over ``EVERY_STORE``: a SQLite file, a PostgreSQL schema of its own, or a
+    MongoDB database (the emulator's unless SESSIONQ_TEST_MONGODB_URL)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/shared.db"
+    if request.param == "postgresql":
+        return str(request.getfixturevalue("postgres_url"))
+    return str(request.getfixturevalue("mongodb_store_url"))

@@ -18,26 +18,17 @@ import pytest
 import websockets
 from conftest import UNIT, Client, ClientFactory, ServerFactory, finals_of
 from prometheus_client import REGISTRY
+from store_servers import EVERY_STORE, every_store_url
 from test_faults import ServerProcess, open_client, spawn_server
 
 from server.settings import Settings, SettingsError
 
 Start = Callable[..., Awaitable[ServerProcess]]
 
-STORES = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgresql", id="postgresql"),
-    pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
-]
 
-
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=EVERY_STORE)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/shared.db"
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url"))
-    return str(request.getfixturevalue(f"{request.param}_store_url"))
+    return every_store_url(request, tmp_path)
 
 
 @pytest.fixture

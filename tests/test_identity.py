@@ -31,6 +31,7 @@ from conftest import (
     unique_name,
 )
 from loguru import logger
+from store_servers import EVERY_STORE, every_store_url
 from test_faults import ServerProcess, spawn_server
 
 from server import logs
@@ -258,19 +259,9 @@ async def test_disable_without_a_broker_still_revokes_and_says_so(
 
 
 # -- 2b. across processes ---------------------------------------------------------------
-@pytest.fixture(
-    params=[
-        pytest.param("sqlite", id="sqlite"),
-        pytest.param("postgresql", id="postgresql"),
-        pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
-    ]
-)
+@pytest.fixture(params=EVERY_STORE)
 def shared_store(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/shared.db"
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url"))  # a schema of its own
-    return str(request.getfixturevalue("mongodb_store_url"))
+    return every_store_url(request, tmp_path)
 
 
 @pytest.fixture

@@ -18,24 +18,15 @@ from typing import Any
 
 import pytest
 from conftest import UNIT, Client, finals_of
+from store_servers import EVERY_STORE, every_store_url
 from test_faults import ServerProcess, open_client, spawn_server, wait_running
 
 Start = Callable[[], Awaitable[ServerProcess]]
 
-STORES = [
-    pytest.param("sqlite", id="sqlite"),
-    pytest.param("postgresql", id="postgresql"),
-    pytest.param("mongodb", id="mongodb", marks=pytest.mark.mongodb),
-]
 
-
-@pytest.fixture(params=STORES)
+@pytest.fixture(params=EVERY_STORE)
 def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path}/shared.db"
-    if request.param == "postgresql":
-        return str(request.getfixturevalue("postgres_url"))  # a schema of its own
-    return str(request.getfixturevalue(f"{request.param}_store_url"))
+    return every_store_url(request, tmp_path)
 
 
 @pytest.fixture
