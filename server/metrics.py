@@ -50,6 +50,16 @@ NS = "sessionq"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 DIR_PREFIX = "sessionq-metrics-"
 
+
+def multiprocess_dir() -> str | None:
+    """The directory the worker processes share, or None for a single process."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
+
+# In a fresh worker of --workers N the values live in shared files (the
+# request path's series are then prometheus_client's own, not tallies).
+_SHARED = multiprocess_dir() is not None
+
 # Known label values (created by prime()).
 SESSION_STATES = ("open", "draining", "recovering")
 REFUSAL_CODES = tuple(
@@ -87,34 +97,51 @@ pending_requests = Gauge(
     multiprocess_mode="livesum",
 )
 auth_total = Counter(f"{NS}_auth_total", "Authentication attempts", ["method", "outcome"])
-frames_in = tally.counter(f"{NS}_frames_received_total", "Client frames received", ["type"])
+frames_in = tally.counter(
+    f"{NS}_frames_received_total", "Client frames received", ["type"], shared=_SHARED
+)
 bad_frames = Counter(f"{NS}_bad_frames_total", "Client frames refused as bad_request")
-requests_accepted = tally.counter(f"{NS}_requests_accepted_total", "Requests accepted")
+requests_accepted = tally.counter(
+    f"{NS}_requests_accepted_total", "Requests accepted", shared=_SHARED
+)
 requests_refused = Counter(f"{NS}_requests_refused_total", "Submits refused", ["code"])
 requests_finished = tally.counter(
-    f"{NS}_requests_finished_total", "Requests finished", ["op", "outcome"]
+    f"{NS}_requests_finished_total",
+    "Requests finished",
+    ["op", "outcome"],
+    shared=_SHARED,
 )
 queue_wait_seconds = tally.histogram(
     f"{NS}_queue_wait_seconds",
     "Time from a request's acceptance to the start of its handler",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    shared=_SHARED,
 )
 request_seconds = tally.histogram(
     f"{NS}_request_seconds",
     "Handler run time",
     ["op"],
     buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
+    shared=_SHARED,
 )
 store_seconds = tally.histogram(
-    f"{NS}_store_seconds", "One store call (a group commit counts once)", ["op"], buckets=_SHORT
+    f"{NS}_store_seconds",
+    "One store call (a group commit counts once)",
+    ["op"],
+    buckets=_SHORT,
+    shared=_SHARED,
 )
 publish_seconds = tally.histogram(
-    f"{NS}_publish_seconds", "One broker publish until its confirm", buckets=_SHORT
+    f"{NS}_publish_seconds",
+    "One broker publish until its confirm",
+    buckets=_SHORT,
+    shared=_SHARED,
 )
 batch_size = tally.histogram(
     f"{NS}_publish_batch_requests",
     "Requests carried by one broker message",
     buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+    shared=_SHARED,
 )
 session_takeovers = Counter(
     f"{NS}_session_takeovers_total", "Sessions this process took over", ["how"]
@@ -268,11 +295,6 @@ def refused(code: str) -> None:
 
 
 # --- one scrape for every worker -------------------------------------------
-
-
-def multiprocess_dir() -> str | None:
-    """The directory the worker processes share, or None for a single process."""
-    return os.environ.get(MULTIPROC_ENV) or None
 
 
 @functools.cache

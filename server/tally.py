@@ -12,7 +12,8 @@ An observation costs about 0.15 µs.
 
 With ``--workers N`` the values must live in prometheus_client's shared
 memory-mapped files, so :func:`counter` and :func:`histogram` return
-prometheus_client's own objects there; both kinds have the same
+prometheus_client's own objects when told ``shared`` (server.metrics says
+so from ``PROMETHEUS_MULTIPROC_DIR``); both kinds have the same
 ``labels(...)``, ``inc(...)`` and ``observe(...)``. A tally exposes no
 ``_created`` series (nor does multiprocess mode).
 """
@@ -20,7 +21,6 @@ prometheus_client's own objects there; both kinds have the same
 from __future__ import annotations
 
 import math
-import os
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,8 +31,6 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from prometheus_client.utils import floatToGoString
 
 __all__ = ["CounterTally", "HistogramTally", "counter", "histogram"]
-
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 
 
 class _Count:
@@ -158,26 +156,22 @@ class HistogramTally(_Tally):
         yield family
 
 
-def _shared() -> bool:
-    return bool(os.environ.get(MULTIPROC_ENV))
-
-
 def counter(
     name: str, documentation: str, labelnames: Sequence[str] = (), *,
-    registry: CollectorRegistry | None = REGISTRY,
+    shared: bool, registry: CollectorRegistry | None = REGISTRY,
 ) -> Any:  # fmt: skip
     """A counter for the request path: a tally in one process, prometheus_client's
-    Counter when the values are shared between workers."""
-    if _shared():
+    Counter when the values are ``shared`` between workers."""
+    if shared:
         return Counter(name, documentation, labelnames, registry=registry)
     return CounterTally(name, documentation, labelnames, registry)
 
 
 def histogram(
     name: str, documentation: str, labelnames: Sequence[str] = (), *,
-    buckets: Sequence[float], registry: CollectorRegistry | None = REGISTRY,
+    buckets: Sequence[float], shared: bool, registry: CollectorRegistry | None = REGISTRY,
 ) -> Any:  # fmt: skip
     """A histogram for the request path (see :func:`counter`)."""
-    if _shared():
+    if shared:
         return Histogram(name, documentation, labelnames, buckets=buckets, registry=registry)
     return HistogramTally(name, documentation, labelnames, buckets=buckets, registry=registry)

@@ -63,12 +63,10 @@ def test_labels_must_match_the_label_names() -> None:
         h.observe(1.0)
 
 
-def test_with_workers_the_values_are_prometheus_clients_shared_ones(
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:
-    monkeypatch.setenv(tally.MULTIPROC_ENV, "/nonexistent")
+def test_with_workers_the_values_are_prometheus_clients_shared_ones() -> None:
     registry = CollectorRegistry()
-    assert isinstance(tally.counter("z_total", "Z", registry=registry), Counter)
-    assert isinstance(tally.histogram("w", "W", buckets=BUCKETS, registry=registry), Histogram)
-    monkeypatch.delenv(tally.MULTIPROC_ENV)
-    assert isinstance(tally.counter("v_total", "V", registry=registry), tally.CounterTally)
+    assert isinstance(tally.counter("z_total", "Z", shared=True, registry=registry), Counter)
+    shared = tally.histogram("w", "W", buckets=BUCKETS, shared=True, registry=registry)
+    assert isinstance(shared, Histogram)
+    alone = tally.counter("v_total", "V", shared=False, registry=registry)
+    assert isinstance(alone, tally.CounterTally)
