@@ -105,11 +105,23 @@ def one(c: sqlite3.Connection, sql: str, params: Sequence[Any]) -> Any:
 
 def check_epoch(c: sqlite3.Connection, session_id: str, epoch: int) -> str:
     """Raise Fenced unless ``epoch`` is the session's; return its user."""
-    row = one(c, "SELECT epoch, username FROM sessions WHERE session_id = ?", (session_id,))
+    return str(_current(c, session_id, epoch, _EPOCH_USER)[1])
+
+
+_EPOCH_USER = "SELECT epoch, username FROM sessions WHERE session_id = ?"
+# The same, with the user's stored pending count (an add checked against it).
+_EPOCH_USER_PENDING = (
+    "SELECT s.epoch, s.username, coalesce(b.pending, 0) FROM sessions s"
+    " LEFT JOIN user_budgets b ON b.username = s.username WHERE s.session_id = ?"
+)
+
+
+def _current(c: sqlite3.Connection, session_id: str, epoch: int, sql: str) -> Any:
+    row = one(c, sql, (session_id,))
     if row is None or row[0] != epoch:
         current = None if row is None else row[0]
         raise Fenced(f"session {session_id}: epoch {epoch} is not current ({current})")
-    return str(row[1])
+    return row
 
 
 # -- the writes (sent by reference, with their args) -------------------------
@@ -205,16 +217,8 @@ def add_requests(
     if max_pending is None:
         username = check_epoch(c, session_id, epoch)
     else:  # the epoch check reads the user's stored count along (one statement)
-        row = one(
-            c,
-            "SELECT s.epoch, s.username, b.pending FROM sessions s"
-            " LEFT JOIN user_budgets b ON b.username = s.username WHERE s.session_id = ?",
-            (session_id,),
-        )
-        if row is None or row[0] != epoch:
-            raise Fenced(f"session {session_id}: epoch {epoch} is not current ({row and row[0]})")
-        username = row[1]
-        LEDGER.check(username, len(rows), max_pending, stored=row[2] or 0)
+        _, username, stored = _current(c, session_id, epoch, _EPOCH_USER_PENDING)
+        LEDGER.check(username, len(rows), max_pending, stored=stored)
     # One statement for the whole batch rather than one per row.
     sql = (
         "INSERT INTO requests (session_id, seq, client_id, op, args, state, created_at) VALUES "
